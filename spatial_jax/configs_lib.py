@@ -1,0 +1,85 @@
+"""Helpers shared by the files in `configs/` (which are loaded by path).
+
+The string after `:` in `--config configs/x.py:ARG` is parsed by `parse_arg`, in
+the style of big_vision's `configs/common.py`: `:smoke`, `:smoke,size=128` or
+`:size=128`. Unknown keys raise, so a typo never silently runs the default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from spatial_jax import sharding
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if text.lower() in ("1", "true", "yes", ""):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"Config arg {key}={text!r} is not a boolean.")
+  if default is None:
+    return text
+  try:
+    return type(default)(text)
+  except ValueError as e:
+    raise ValueError(f"Config arg {key}={text!r} is not a {type(default).__name__}.") from e
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """Parses `arg` ("smoke,size=128") against `spec` (the keys and defaults).
+
+  A bare word sets a boolean key to True (`smoke`); `key=value` is converted to
+  the type of the key's default.
+
+  Raises:
+    ValueError: an unknown key (listing the known ones) or a malformed value.
+  """
+  values = dict(spec)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, text = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      raise ValueError(f"Unknown config arg {key!r} in {arg!r}; known: {sorted(spec)}.")
+    if not has_value and not isinstance(spec[key], bool):
+      raise ValueError(f"Config arg {key!r} needs a value ({key}=...).")
+    values[key] = _convert(key, text.strip(), spec[key]) if has_value else True
+  return ml_collections.ConfigDict(values)
+
+
+def base_config(job: str, *, seed: int = 0) -> ml_collections.ConfigDict:
+  """Fields every job config has: the job name, seed, mesh and sharding rules."""
+  config = ml_collections.ConfigDict()
+  config.job = job
+  config.seed = seed
+  # Mesh over (data, fsdp, tensor); -1 takes the remaining devices.
+  config.mesh = [list(axis) for axis in sharding.DEFAULT_MESH]
+  # Overrides of sharding.DEFAULT_RULES as (logical_name, mesh_axes) pairs.
+  config.sharding_rules = []
+  return config
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `configs/<exp>.py` by path, as `--config path:arg` does (for Colab and tests).
+
+  A relative path is taken from the current directory, then from the repository root.
+  """
+  import importlib.util
+  import os
+
+  if not os.path.exists(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, path)):
+      path = os.path.join(root, path)
+    else:
+      raise FileNotFoundError(f"Config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("_spatial_jax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

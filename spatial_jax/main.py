@@ -1,0 +1,81 @@
+"""Entry point: `python -m spatial_jax.main --config configs/<exp>.py[:arg] --workdir DIR`.
+
+Intentionally short: flags, multi-process initialisation, then the job named by
+`config.job` (see `registry.py`). The jobs are plain `run(config, workdir)`
+functions that Colab can call directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file, e.g. configs/data_synthetic.py:smoke.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Environment variables that mean "this process is one of several". Each of
+# these launchers is auto-detected by `jax.distributed.initialize()`, which
+# needs no arguments there (jax docs: TPU, Slurm, Open MPI).
+_MULTIPROCESS_ENV = {
+  "SLURM_NTASKS": lambda v: int(v) > 1,
+  "OMPI_COMM_WORLD_SIZE": lambda v: int(v) > 1,
+  "TPU_WORKER_HOSTNAMES": lambda v: "," in v,
+  "JAX_COORDINATOR_ADDRESS": bool,
+  "SPATIAL_JAX_DISTRIBUTED": lambda v: v not in ("", "0"),
+}
+
+
+def multiprocess_reason(environ=os.environ) -> str | None:
+  """Which environment variable says this is a multi-process run, if any."""
+  for name, is_multi in _MULTIPROCESS_ENV.items():
+    value = environ.get(name)
+    if value is not None:
+      try:
+        if is_multi(value):
+          return f"{name}={value}"
+      except ValueError:
+        continue
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so that `--help` and flag errors don't pay for jax.
+  import jax
+
+  from spatial_jax import metrics, registry
+
+  reason = multiprocess_reason()
+  if reason:
+    logging.info("Multi-process environment (%s): jax.distributed.initialize()", reason)
+    jax.distributed.initialize()
+  jax.config.update("jax_threefry_partitionable", True)
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  try:
+    run = registry.get_job(config.job)  # Fails before anything is written.
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  logging.info(
+    "Process %d/%d, %d devices; job %r -> %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    config.job,
+    workdir,
+  )
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    metrics.write_config_json(workdir, config)
+  run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,30 @@
+"""Job registry: `config.job` -> the `run(config, workdir)` that carries it out.
+
+Jobs are referenced by import path and imported only when selected, so running
+one job never imports another's heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+Job = Callable[[Any, str], Any]
+
+# name -> "module:function". Later stages add their jobs here.
+JOBS: dict[str, str] = {
+  "data_synthetic": "spatial_jax.data.synthetic_job:run",
+}
+
+
+def get_job(name: str) -> Job:
+  """Returns the run function of job `name`.
+
+  Raises:
+    ValueError: `name` is not a registered job (the known ones are listed).
+  """
+  if name not in JOBS:
+    raise ValueError(f"Unknown job {name!r} (config.job); registered jobs: {sorted(JOBS)}.")
+  module_name, _, function_name = JOBS[name].partition(":")
+  return getattr(importlib.import_module(module_name), function_name)
