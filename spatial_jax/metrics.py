@@ -1,0 +1,287 @@
+"""Metric writers (TensorBoard + logs), progress/ETA logging, image grids and JSON run files.
+
+clu's `metric_writers` imports TensorFlow and TensorBoard at import time (jax_style.md §1.7), and
+models, samplers and benchmarks must import without them. So this module imports clu only inside
+`create_writer`; everything else (Progress, grids, PNGs, JSON) needs only numpy, Pillow and absl.
+A writer is any object with clu's `MetricWriter` methods (`write_scalars`, `write_images`, ...).
+
+Per-run files (`summary.json`, `config.json`, PNGs) are written by process 0 only, atomically (a
+tmp file then `os.replace`), so a reader or a crash never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
+
+import jax
+import numpy as np
+from absl import logging
+
+T = TypeVar("T")
+
+
+class MetricWriter(Protocol):
+  """The subset of `clu.metric_writers.MetricWriter` used here (duck-typed, no clu import)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None: ...
+
+
+def create_writer(workdir: str | os.PathLike[str], *, asynchronous: bool = True) -> Any:
+  """clu's default writer: logging plus TensorBoard event files in `workdir` on process 0.
+
+  Other processes only log (`just_logging=True`), so a multi-host run writes one event stream.
+  Call `writer.flush()` at log steps and `writer.close()` at the end.
+  """
+  try:
+    from clu import metric_writers  # Lazy: imports tensorflow + tensorboard.
+  except ImportError as e:
+    raise ImportError(
+      "spatial_jax.metrics.create_writer needs clu with tensorflow and tensorboard installed "
+      f"(clu imports both at import time): {e}"
+    ) from e
+  return metric_writers.create_default_writer(
+    os.fspath(workdir), just_logging=jax.process_index() > 0, asynchronous=asynchronous
+  )
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+
+def format_secs(secs: float) -> str:
+  """12.3 -> '12.3s', 125 -> '2m05s', 7384 -> '2h03m04s'."""
+  if not math.isfinite(secs):
+    return "?"
+  if secs < 60:
+    return f"{secs:.1f}s"
+  mins, s = divmod(int(round(secs)), 60)
+  hours, mins = divmod(mins, 60)
+  return f"{hours}h{mins:02d}m{s:02d}s" if hours else f"{mins}m{s:02d}s"
+
+
+class Progress:
+  """Logs `name: step/total (pct), rate, elapsed, ETA` every N steps and/or every T seconds.
+
+  Works for training loops and plain loops (a data build) alike; it never imports clu. Call
+  `update(step)` after each step with the number of steps done so far (absolute, so a resumed run
+  passes `start_step=restored_step` and keeps counting). The rate is measured over the last
+  reporting interval (so compile time or a slow start fades out); the ETA is the remaining steps at
+  that rate. The last step (`step == total`) is always reported.
+
+  Args:
+    total: total number of steps, or None if unknown (then no percentage or ETA).
+    every_steps: report when `step % every_steps == 0`.
+    every_secs: report when this many seconds passed since the last report. If neither is given,
+      every 60 s.
+    writer: optional metric writer; gets `{name}/{unit}_per_sec` scalars at each report.
+    name: prefix of the log line and the scalar.
+    unit: what a step is called in the log ("steps", "images", "pairs", ...).
+    start_step: the step count at construction (e.g. the restored checkpoint step).
+    clock: seconds as a float; `time.monotonic` (tests pass a fake clock).
+  """
+
+  def __init__(
+    self,
+    total: int | None,
+    *,
+    every_steps: int | None = None,
+    every_secs: float | None = None,
+    writer: MetricWriter | None = None,
+    name: str = "progress",
+    unit: str = "steps",
+    start_step: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
+    if every_steps is None and every_secs is None:
+      every_secs = 60.0
+    self.total = total
+    self.every_steps = every_steps
+    self.every_secs = every_secs
+    self.writer = writer
+    self.name = name
+    self.unit = unit
+    self._clock = clock
+    self._t0 = clock()
+    self._last_step = start_step
+    self._last_time = self._t0
+
+  def update(self, step: int) -> str | None:
+    """Records that `step` steps are done; logs and returns the message when a report is due."""
+    now = self._clock()
+    due = (
+      step == self.total
+      or (self.every_steps is not None and step % self.every_steps == 0)
+      or (self.every_secs is not None and now - self._last_time >= self.every_secs)
+    )
+    if not due or step == self._last_step:
+      return None
+    return self.report(step, now=now)
+
+  __call__ = update
+
+  def report(self, step: int, *, now: float | None = None) -> str:
+    """Logs the progress line for `step` now, due or not, and returns it."""
+    now = self._clock() if now is None else now
+    dt = now - self._last_time
+    rate = (step - self._last_step) / dt if dt > 0 else math.inf
+    msg = f"{self.name}: {step}"
+    if self.total:
+      eta = (self.total - step) / rate if rate > 0 else math.inf
+      msg += f"/{self.total} ({100 * step / self.total:.1f}%)"
+    msg += f", {rate:.3g} {self.unit}/s, elapsed {format_secs(now - self._t0)}"
+    if self.total:
+      msg += f", ETA {format_secs(eta)}"
+    logging.info(msg)
+    if self.writer is not None and math.isfinite(rate):
+      self.writer.write_scalars(step, {f"{self.name}/{self.unit}_per_sec": rate})
+    self._last_step, self._last_time = step, now
+    return msg
+
+  def wrap(self, iterable: Iterable[T]) -> Iterator[T]:
+    """Yields the items, calling `update` after each one is processed."""
+    step = self._last_step
+    for item in iterable:
+      yield item
+      step += 1
+      self.update(step)
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+def _to_uint8(images: Any) -> np.ndarray:
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+  return np.round(np.clip(images.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def make_grid(
+  images: Any, ncols: int | None = None, pad: int = 2, pad_value: int = 0
+) -> np.ndarray:
+  """Tiles (N, H, W, C) images (uint8, or float in [0, 1]) into one (H', W', C) uint8 image.
+
+  Row-major: image i is at row i // ncols, column i % ncols, with its top-left pixel at
+  (pad + row * (H + pad), pad + col * (W + pad)); `pad` pixels of `pad_value` surround every tile,
+  so H' = rows * (H + pad) + pad. Unused cells of the last row stay `pad_value`. `ncols` defaults to
+  ceil(sqrt(N)).
+  """
+  images = _to_uint8(images)
+  if images.ndim != 4:
+    raise ValueError(f"make_grid wants (N, H, W, C) images, got shape {images.shape}")
+  n, h, w, c = images.shape
+  ncols = min(ncols or math.ceil(math.sqrt(n)), n) if n else 1
+  nrows = max(math.ceil(n / ncols), 1)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, np.uint8)
+  for i, image in enumerate(images):
+    top, left = pad + (i // ncols) * (h + pad), pad + (i % ncols) * (w + pad)
+    grid[top : top + h, left : left + w] = image
+  return grid
+
+
+def write_images(
+  writer: MetricWriter | None,
+  step: int,
+  name: str,
+  images: Any,
+  *,
+  png_path: str | os.PathLike[str] | None = None,
+  ncols: int | None = None,
+  pad: int = 2,
+) -> np.ndarray:
+  """Writes `images` as one grid to the writer (TensorBoard) and, if given, a PNG file.
+
+  Returns the grid. The PNG is written by process 0 only (parent directories are created).
+  """
+  grid = make_grid(images, ncols=ncols, pad=pad)
+  if writer is not None:
+    writer.write_images(step, {name: grid[None]})
+  if png_path is not None and jax.process_index() == 0:
+    from PIL import Image  # Lazy: only image writers need Pillow.
+
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    _atomic_write(png_path, buf.getvalue())
+  return grid
+
+
+# -- JSON run files -------------------------------------------------------------------------------
+
+
+def _json_default(x: Any) -> Any:
+  """Converts numpy/jax scalars and arrays (and paths, dataclasses) for json.dumps."""
+  if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":  # e.g. bfloat16 (kind 'V'): widen for JSON.
+      x = x.astype(np.float64)
+    return x.tolist()
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return dataclasses.asdict(x)
+  raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable: {x!r}")
+
+
+def to_json(obj: Any) -> str:
+  """Indented, key-sorted JSON; numpy/jax values become plain numbers/lists."""
+  return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def write_summary(
+  workdir: str | os.PathLike[str], summary: Mapping[str, Any], name: str = "summary.json"
+) -> str:
+  """Writes the run's summary dict to `workdir/name` (atomic, process 0); returns the path."""
+  path = os.path.join(os.fspath(workdir), name)
+  text = to_json(dict(summary))  # Serialize first: a bad value must not clobber the old file.
+  if jax.process_index() == 0:
+    _atomic_write(path, text.encode())
+  return path
+
+
+def write_config_json(
+  workdir: str | os.PathLike[str], config: Any, name: str = "config.json"
+) -> str:
+  """Writes an ml_collections ConfigDict (or a plain dict) to `workdir/name`; returns the path."""
+  if hasattr(config, "to_json_best_effort"):  # ConfigDict / FrozenConfigDict.
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  else:
+    text = to_json(dict(config))
+  path = os.path.join(os.fspath(workdir), name)
+  if jax.process_index() == 0:
+    _atomic_write(path, text.encode())
+  return path
+
+
+def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+  """tmp file in the same directory + os.replace, so readers see the old or the new file."""
+  path = os.fspath(path)
+  if "://" in path:  # Object stores (gs://) have no rename, but each object write is atomic.
+    from etils import epath
+
+    epath.Path(path).write_bytes(data)
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; run files should be readable by others.
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
