@@ -1,0 +1,101 @@
+"""Rule-based oracle of the synthetic world: which relations of a prompt an image satisfies.
+
+The GenEval-like checker of this world, from pixels alone. Each pixel is given the nearest palette
+colour if it lies within `COLOR_TOLERANCE` of it (backgrounds are low-saturation, far from every
+palette colour); an object is found when its colour covers at least `min_pixels(size)` pixels, and
+is located by the centroid of those pixels. "a left of b" holds when b's centroid lies to the right
+of a's by more than `RELATION_MARGIN` times the sum of their sizes (sqrt of pixel area, robust to
+stray pixels) — the same kind of size-relative dead zone as GenEval's position threshold. A missing
+object fails all its relations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from spatial_jax.data import scenes
+
+COLOR_TOLERANCE = 60.0  # RGB distance; palette colours are >= 80 apart, backgrounds >= ~100 away
+RELATION_MARGIN = 0.25
+_PALETTE_NAMES = tuple(scenes.COLORS)
+_PALETTE = np.array([scenes.COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
+
+
+def min_pixels(height: int, width: int) -> int:
+  """Smallest pixel count that counts as an object (a few stray pixels are not an object)."""
+  return max(3, round(0.0005 * height * width))
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleResult:
+  """The oracle's verdict on one image.
+
+  Attributes:
+    satisfied: per relation of the scene (in order), whether the image satisfies it.
+    fraction: mean of `satisfied` (the score; 1.0 = every relation holds).
+    found: per object, whether its colour covers enough pixels.
+    centroids: per object, (x, y) pixel centroid, or None when not found.
+    sizes: per object, sqrt of its pixel area (0 when not found).
+  """
+
+  satisfied: tuple[bool, ...]
+  fraction: float
+  found: tuple[bool, ...]
+  centroids: tuple[tuple[float, float] | None, ...]
+  sizes: tuple[float, ...]
+
+
+def _as_rgb255(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"Expected an RGB image of shape (H, W, 3), got shape {image.shape}.")
+  if np.issubdtype(image.dtype, np.floating):
+    # Floats are taken as [0, 1] (what image models emit after denormalisation).
+    return np.clip(image, 0.0, 1.0).astype(np.float32) * 255.0
+  return image.astype(np.float32)
+
+
+def color_labels(image: np.ndarray) -> np.ndarray:
+  """Per pixel, the index into `scenes.COLORS` of its palette colour, or -1 (background)."""
+  rgb = _as_rgb255(image)
+  squared = ((rgb[:, :, None, :] - _PALETTE) ** 2).sum(axis=-1)  # (H, W, colours)
+  nearest = squared.argmin(axis=-1)
+  close = squared.min(axis=-1) < COLOR_TOLERANCE**2
+  return np.where(close, nearest, -1)
+
+
+def _holds(relation: str, subject, obj, margin: float) -> bool:
+  (sx, sy), (ox, oy) = subject, obj
+  offset = {"left of": ox - sx, "right of": sx - ox, "above": oy - sy, "below": sy - oy}[relation]
+  return offset > margin
+
+
+def check_scene(image: np.ndarray, scene: scenes.Scene) -> OracleResult:
+  """Checks every relation of `scene` on `image` (uint8 RGB, or float RGB in [0, 1])."""
+  labels = color_labels(image)
+  height, width = labels.shape
+  threshold = min_pixels(height, width)
+  found, centroids, sizes = [], [], []
+  for obj in scene.objects:
+    ys, xs = np.nonzero(labels == _PALETTE_NAMES.index(obj.color))
+    present = len(xs) >= threshold
+    found.append(present)
+    # +0.5: pixel centres, in the same coordinates as the renderer's layout.
+    centroids.append((float(xs.mean()) + 0.5, float(ys.mean()) + 0.5) if present else None)
+    sizes.append(float(np.sqrt(len(xs))) if present else 0.0)
+  satisfied = []
+  for r in scene.relations:
+    if not (found[r.subject] and found[r.object]):
+      satisfied.append(False)
+      continue
+    margin = RELATION_MARGIN * (sizes[r.subject] + sizes[r.object])
+    satisfied.append(_holds(r.relation, centroids[r.subject], centroids[r.object], margin))
+  fraction = float(np.mean(satisfied)) if satisfied else 1.0
+  return OracleResult(tuple(satisfied), fraction, tuple(found), tuple(centroids), tuple(sizes))
+
+
+def score_prompt(image: np.ndarray, prompt: str) -> OracleResult:
+  """Parses `prompt` (scene grammar) and checks it on `image`; ValueError for foreign prompts."""
+  return check_scene(image, scenes.parse_prompt(prompt))
