@@ -1,0 +1,69 @@
+"""The command line: a smoke run, config.json, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spatial_jax.data import pairs
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, timeout=240):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", "spatial_jax.main", *args],
+    cwd=_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def test_smoke_run_writes_pairs_folder_and_resolved_config(tmp_path):
+  workdir = tmp_path / "d"
+  result = _main(
+    "--config=configs/data_synthetic.py:smoke",
+    f"--workdir={workdir}",
+    "--config.num_train=10",
+    "--config.num_test=4",
+    "--config.image_size=48",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert (config["job"], config["num_train"], config["image_size"]) == ("data_synthetic", 10, 48)
+  records = pairs.read_pairs(workdir)
+  assert [r.split for r in records].count("test") == 4 and len(records) == 14
+  stats = json.loads((workdir / "stats.json").read_text())
+  assert stats["num_pairs"] == 14 and stats["oracle"]["chosen_all_satisfied"] == 1.0
+  assert (workdir / "gallery.png").stat().st_size > 0
+
+
+def test_misspelled_override_fails_before_writing(tmp_path):
+  result = _main(
+    "--config=configs/data_synthetic.py:smoke",
+    f"--workdir={tmp_path / 'x'}",
+    "--config.num_trian=3",
+  )
+  assert result.returncode != 0
+  assert "num_trian" in result.stderr and "Did you mean" in result.stderr
+  assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config=configs/data_synthetic.py:smoke", "--config.job=nope"], "Unknown job 'nope'"),
+    (["--config=configs/data_synthetic.py:smok"], "Unknown config arg 'smok'"),
+    (["--config=configs/no_such_config.py"], "no_such_config.py"),
+  ],
+)
+def test_bad_job_or_config_is_a_clear_error(tmp_path, args, message):
+  result = _main(*args, f"--workdir={tmp_path / 'x'}")
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not (tmp_path / "x").exists()
