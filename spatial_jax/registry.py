@@ -15,6 +15,8 @@ Job = Callable[[Any, str], Any]
 # name -> "module:function". Later stages add their jobs here.
 JOBS: dict[str, str] = {
   "data_synthetic": "spatial_jax.data.synthetic_job:run",
+  "reward_train": "spatial_jax.reward.train:run",
+  "reward_eval": "spatial_jax.reward.evaluate_job:run",
 }
 
 

@@ -1,0 +1,196 @@
+"""Pairwise evaluation of a reward model, its metrics, and the training history.
+
+Metrics on a pairs folder: accuracy overall, per relation type (`source.change_type`
+when the pairs carry it), short (one relation) vs long prompts, the mean mu margin,
+and accuracy per quartile of the pair's sigma (a calibration check: a well-calibrated
+model is more often right where it is more certain).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from spatial_jax.data import pairs
+
+# Prompts of more words than this count as long when the pairs don't say how many
+# relations a prompt has (the synthetic ones record `source.num_relations`).
+LONG_PROMPT_WORDS = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPair:
+  chosen: np.ndarray
+  rejected: np.ndarray
+  prompt: str
+  relation_type: str
+  long_prompt: bool
+
+
+def _relation_type(record: pairs.PairRecord) -> str:
+  if isinstance(record.source, dict) and "change_type" in record.source:
+    return str(record.source["change_type"])
+  return "all"
+
+
+def _is_long(record: pairs.PairRecord) -> bool:
+  if isinstance(record.source, dict) and "num_relations" in record.source:
+    return int(record.source["num_relations"]) > 1
+  return len(record.prompt.split()) > LONG_PROMPT_WORDS
+
+
+def load_eval_pairs(folder: str, split: str, *, max_pairs: int, image_size: int) -> list[EvalPair]:
+  """Reads up to `max_pairs` (0: all) pairs of `split`, images resized to `image_size`."""
+  records = pairs.read_pairs(folder, split=split)
+  if not records:
+    raise ValueError(f"No pairs with split {split!r} in {folder} (config.data.eval_split)")
+  records = records[: max_pairs or None]
+  size = pairs.image_size_hw(image_size)
+  return [
+    EvalPair(
+      chosen=pairs.resize_rgb(pairs.load_rgb(os.path.join(folder, r.chosen)), size),
+      rejected=pairs.resize_rgb(pairs.load_rgb(os.path.join(folder, r.rejected)), size),
+      prompt=r.prompt,
+      relation_type=_relation_type(r),
+      long_prompt=_is_long(r),
+    )
+    for r in records
+  ]
+
+
+@dataclasses.dataclass
+class EvalResult:
+  mu_chosen: np.ndarray
+  mu_rejected: np.ndarray
+  sigma_chosen: np.ndarray
+  sigma_rejected: np.ndarray
+  relation_type: list[str]
+  long_prompt: np.ndarray
+
+  @property
+  def correct(self) -> np.ndarray:
+    return self.mu_chosen > self.mu_rejected
+
+  def scalars(self) -> dict[str, float]:
+    out = {
+      "accuracy": float(self.correct.mean()),
+      "margin": float(np.mean(self.mu_chosen - self.mu_rejected)),
+      "sigma": float(np.mean(np.concatenate([self.sigma_chosen, self.sigma_rejected]))),
+    }
+    for name, mask in (("short", ~self.long_prompt), ("long", self.long_prompt)):
+      if mask.any():
+        out[f"accuracy_{name}"] = float(self.correct[mask].mean())
+    for kind in sorted(set(self.relation_type)):
+      mask = np.array([t == kind for t in self.relation_type])
+      out[f"accuracy_{kind}"] = float(self.correct[mask].mean())
+    return out
+
+  def by_sigma_quartile(self) -> list[dict[str, float]]:
+    """Accuracy per quartile of sqrt(sigma_w^2 + sigma_l^2), most certain first."""
+    spread = np.sqrt(self.sigma_chosen**2 + self.sigma_rejected**2)
+    order = np.argsort(spread, kind="stable")
+    return [
+      {
+        "sigma_max": float(spread[part].max()),
+        "accuracy": float(self.correct[part].mean()),
+        "count": int(part.size),
+      }
+      for part in np.array_split(order, 4)
+      if part.size
+    ]
+
+  def as_dict(self) -> dict[str, Any]:
+    return {
+      **self.scalars(),
+      "num_pairs": int(self.correct.size),
+      "by_sigma_quartile": self.by_sigma_quartile(),
+    }
+
+  def summary(self) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in self.scalars().items())
+
+
+def evaluate(
+  score: Callable[[Any], tuple[Any, Any]],
+  preparer: Any,
+  eval_pairs: Sequence[EvalPair],
+  config: Any,
+) -> EvalResult:
+  """Scores every pair in fixed-size batches (the last one padded, so one compile)."""
+  batch = config.eval.batch_size
+  mus, sigmas = [], []
+  for start in range(0, len(eval_pairs), batch):
+    chunk = list(eval_pairs[start : start + batch])
+    real = len(chunk)
+    chunk += [chunk[-1]] * (batch - real)
+    images = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+    prompts = [p.prompt for p in chunk] * 2
+    mu, sigma = score(preparer(images, prompts))
+    mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
+    mus.append((mu[:real], mu[batch : batch + real]))
+    sigmas.append((sigma[:real], sigma[batch : batch + real]))
+  return EvalResult(
+    mu_chosen=np.concatenate([m[0] for m in mus]),
+    mu_rejected=np.concatenate([m[1] for m in mus]),
+    sigma_chosen=np.concatenate([s[0] for s in sigmas]),
+    sigma_rejected=np.concatenate([s[1] for s in sigmas]),
+    relation_type=[p.relation_type for p in eval_pairs],
+    long_prompt=np.array([p.long_prompt for p in eval_pairs]),
+  )
+
+
+class History:
+  """Metric values by step, kept in `history.json` so a resumed run extends its curve."""
+
+  FILE = "history.json"
+
+  def __init__(self, rows: dict[str, list[tuple[int, float]]] | None = None):
+    self.rows = collections.defaultdict(list, rows or {})
+
+  @classmethod
+  def load(cls, workdir: str) -> History:
+    path = os.path.join(workdir, cls.FILE)
+    if not os.path.exists(path):
+      return cls()
+    with open(path) as f:
+      return cls({k: [tuple(x) for x in v] for k, v in json.load(f).items()})
+
+  def add(self, step: int, values: dict[str, float]) -> None:
+    for name, value in values.items():
+      series = self.rows[name]
+      while series and series[-1][0] >= step:  # A resumed run overwrites what it redoes.
+        series.pop()
+      series.append((int(step), float(value)))
+
+  def save(self, workdir: str) -> None:
+    from spatial_jax import metrics
+
+    metrics.write_summary(workdir, dict(self.rows), name=self.FILE)
+
+  def plot(self, path: str) -> None:
+    """Training loss and held-out accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, axis in (("train/loss", left), ("train/accuracy", right), ("eval/accuracy", right)):
+      if self.rows.get(name):
+        steps, values = zip(*self.rows[name], strict=True)
+        axis.plot(steps, values, label=name, marker="o" if name.startswith("eval") else None)
+    left.set_xlabel("step")
+    left.set_title("loss")
+    right.set_xlabel("step")
+    right.set_title("pairwise accuracy")
+    right.set_ylim(0.4, 1.0)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
