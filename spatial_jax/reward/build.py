@@ -26,6 +26,7 @@ from spatial_jax.data import tokenizer as synthetic_tokenizer
 from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, Qwen25VLConfig, Qwen25VLModel
 from spatial_jax.models.qwen25vl import processor as qwen_processor
 from spatial_jax.reward.model import (
+  QWEN_INSTRUCTION,
   REWARD_TOKEN,
   BatchPreparer,
   PromptTemplate,
@@ -111,7 +112,9 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
     )
     bconfig = backbone.config
     image_processor = qwen_processor.ImageProcessor.from_pretrained(config.model.pretrained)
-    template = PromptTemplate(kind="qwen_chat", instruction=config.model.instruction)
+    template = PromptTemplate(
+      kind="qwen_chat", instruction=config.model.instruction or QWEN_INSTRUCTION
+    )
 
     def ctor():
       if use_lora:

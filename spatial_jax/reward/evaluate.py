@@ -49,7 +49,7 @@ def load_eval_pairs(folder: str, split: str, *, max_pairs: int, image_size: int)
   """Reads up to `max_pairs` (0: all) pairs of `split`, images resized to `image_size`."""
   records = pairs.read_pairs(folder, split=split)
   if not records:
-    raise ValueError(f"No pairs with split {split!r} in {folder} (config.data.eval_split)")
+    raise ValueError(f"No pairs with split {split!r} in {folder}")
   records = records[: max_pairs or None]
   size = pairs.image_size_hw(image_size)
   return [

@@ -37,13 +37,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from PIL import Image
 
-from spatial_jax import checkpoint, hf, lora, sharding
+from spatial_jax import checkpoint, hf, lora, metrics, sharding
 from spatial_jax.data import pairs
 from spatial_jax.models.qwen25vl import ModelInputs
 from spatial_jax.models.qwen25vl import params as qwen_params
 from spatial_jax.reward import build
 from spatial_jax.reward.model import REWARD_TOKEN, trainable_filter
+from spatial_jax.reward.train import input_shardings
 
 EXPORT_CONFIG = "spatial_score.json"
 HEAD_FILE = "head.safetensors"
@@ -180,21 +182,27 @@ class SpatialScore:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
       raise FileNotFoundError(f"No checkpoints/ in training workdir {workdir}: nothing to restore")
-    mesh, rules = _mesh_and_rules(config, mesh)
-    built = build.build(config, workdir, mesh, rules)
-    _, trainable, _ = nnx.split(built.model, trainable_filter(config.model.trainable), ...)
     with checkpoint.Checkpointer(
       workdir, metadata={checkpoint.BASE_MODEL_KEY: base_model(config)}
     ) as ckpt:
+      steps = ckpt.all_steps()  # Checked before the (slow) build.
+      if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(
+          f"No checkpoint {'' if step is None else f'for step {step} '}in {ckpt.directory}; "
+          f"have steps {steps}"
+        )
+      step = steps[-1] if step is None else step
+      mesh, rules = _mesh_and_rules(config, mesh)
+      built = build.build(config, workdir, mesh, rules)
+      _, trainable, _ = nnx.split(built.model, trainable_filter(config.model.trainable), ...)
       try:
         # Params only: the optimizer state and data iterator are training business.
         restored = ckpt.restore(step, params=trainable)
       except (checkpoint.CheckpointMismatchError, FileNotFoundError):
         raise
       except Exception as e:  # orbax / tensorstore errors on damaged files name no step.
-        which = step if step is not None else ckpt.latest_step()
         raise OSError(
-          f"Could not read checkpoint step {which} in {ckpt.directory} (damaged or partly "
+          f"Could not read checkpoint step {step} in {ckpt.directory} (damaged or partly "
           f"written?): {type(e).__name__}: {str(e)[:500]}"
         ) from e
     nnx.update(built.model, restored.params)
@@ -252,8 +260,10 @@ class SpatialScore:
 
     Runs in chunks of `batch_size` sequences, the last one padded, so one program is compiled.
     """
-    if isinstance(images, np.ndarray | jax.Array) and images.ndim == 3:
-      images = [images]
+    if isinstance(images, Image.Image) or (
+      isinstance(images, np.ndarray | jax.Array) and images.ndim == 3
+    ):
+      images = [images]  # One image.
     images = list(images)
     if isinstance(prompts, str):
       prompts = [prompts] * len(images)
@@ -282,8 +292,6 @@ class SpatialScore:
     patches = 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0]
     with sharding.use_mesh(self.mesh, self.rules):
       if rows % self._data_parallel == 0 and patches % self._data_parallel == 0:
-        from spatial_jax.reward.train import input_shardings
-
         inputs = jax.device_put(inputs, input_shardings(inputs, self.mesh, self.rules))
       return self._score_fn(self.trainable, self.frozen, inputs)
 
@@ -315,6 +323,9 @@ class SpatialScore:
       os.path.join(directory, EXPORT_CONFIG)
     ):
       raise ValueError(f"{directory} holds a {WORKDIR_CONFIG}: export to a folder of its own")
+    marker = os.path.join(directory, EXPORT_CONFIG)
+    if jax.process_index() == 0 and os.path.exists(marker):
+      os.remove(marker)  # Re-exporting: the folder is incomplete until the new one is written.
     config, model = self.config, self.model
     head = _host_arrays(model, _head_filter())
     backbone = _host_arrays(model.backbone, _BASE_PARAMS) if _exports_backbone(config) else None
@@ -346,8 +357,6 @@ class SpatialScore:
       exported_from=self.source,
       config=json.loads(config.to_json_best_effort()),
     )
-    from spatial_jax import metrics
-
     metrics.write_summary(directory, meta, name=EXPORT_CONFIG)  # Last: marks the export complete.
     return directory
 

@@ -131,6 +131,9 @@ def ensure_pairs(config: Any, workdir: str) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates periodically, checkpoints, and exports; returns the final metrics."""
   # -- Mesh ----------------------------------------------------------------------------------
+  if jax.process_index() == 0:  # main.py writes it too; Colab and tests call run() directly.
+    os.makedirs(workdir, exist_ok=True)
+    metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
   key = jax.random.key(config.seed)
