@@ -25,7 +25,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from spatial_jax import fileio
 from spatial_jax import sharding as sharding_lib
 
 PathLike = str | os.PathLike[str]
@@ -576,16 +576,8 @@ def save_safetensors(
     offset += array.nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(encoded)))
-      f.write(encoded)
-      for array in arrays.values():
-        f.write(array.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_writer(path) as f:
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for array in arrays.values():
+      f.write(array.tobytes())

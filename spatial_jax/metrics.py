@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
@@ -24,6 +23,8 @@ from typing import Any, Protocol, TypeVar
 import jax
 import numpy as np
 from absl import logging
+
+from spatial_jax import fileio
 
 T = TypeVar("T")
 
@@ -212,7 +213,7 @@ def write_images(
 
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
-    _atomic_write(png_path, buf.getvalue())
+    fileio.write_atomic(png_path, buf.getvalue())
   return grid
 
 
@@ -245,7 +246,7 @@ def write_summary(
   path = os.path.join(os.fspath(workdir), name)
   text = to_json(dict(summary))  # Serialize first: a bad value must not clobber the old file.
   if jax.process_index() == 0:
-    _atomic_write(path, text.encode())
+    fileio.write_atomic(path, text.encode())
   return path
 
 
@@ -259,29 +260,5 @@ def write_config_json(
     text = to_json(dict(config))
   path = os.path.join(os.fspath(workdir), name)
   if jax.process_index() == 0:
-    _atomic_write(path, text.encode())
+    fileio.write_atomic(path, text.encode())
   return path
-
-
-def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-  """tmp file in the same directory + os.replace, so readers see the old or the new file."""
-  path = os.fspath(path)
-  if "://" in path:  # Object stores (gs://) have no rename, but each object write is atomic.
-    from etils import epath
-
-    epath.Path(path).write_bytes(data)
-    return
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; run files should be readable by others.
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from spatial_jax import fileio
+
 PAIRS_FILE = "pairs.jsonl"
 IMAGES_DIR = "images"
 DEFAULT_SPLIT = "train"
@@ -248,16 +250,6 @@ def _safe_stem(pair_id: str) -> str:
   return stem
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes via tmp file + fsync + os.replace, so `path` is either absent or complete."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _fsync_dir(path: str) -> None:
   try:
     fd = os.open(path, os.O_RDONLY)
@@ -328,7 +320,7 @@ class PairsWriter:
       _fsync_dir(self.folder)  # Persist a newly created pairs.jsonl's directory entry.
       # Leftovers of an interrupted atomic write; safe to delete while we hold the lock.
       for name in os.listdir(self._images_dir):
-        if re.search(r"\.png\.tmp-\d+$", name):
+        if fileio.is_leftover(name):
           os.remove(os.path.join(self._images_dir, name))
       self._ids = {r.id for _, r in _parse_lines(self._path)}
     except BaseException:
@@ -392,7 +384,7 @@ class PairsWriter:
       except (ValueError, TypeError) as e:
         raise ValueError(f"pair {id!r}: bad {name}: {e}") from None
       rel = record.chosen if name == "chosen_image" else record.rejected
-      _write_atomic(os.path.join(self.folder, rel), png)
+      fileio.write_atomic(os.path.join(self.folder, rel), png)
     _fsync_dir(self._images_dir)
     self._file.write(line)
     self._file.flush()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spatial_jax import fileio
 from spatial_jax.data import pairs
 
 
@@ -173,19 +174,19 @@ def test_complete_last_line_without_newline_is_kept(tmp_path):
 
 def test_crash_between_images_and_line_leaves_no_row(tmp_path, monkeypatch):
   _write(tmp_path, 2)
-  write_atomic = pairs._write_atomic
+  write_atomic = fileio.write_atomic
 
   def crash_on_rejected(path, data):
     if path.endswith("_rejected.png"):
       raise KeyboardInterrupt  # The job dies after the chosen image, before its line.
     write_atomic(path, data)
 
-  monkeypatch.setattr(pairs, "_write_atomic", crash_on_rejected)
+  monkeypatch.setattr(fileio, "write_atomic", crash_on_rejected)
   with pytest.raises(KeyboardInterrupt):
     _write(tmp_path, 1, start=2)
   monkeypatch.undo()
   assert [r.id for r in pairs.read_pairs(tmp_path)] == ["p0", "p1"]
-  (tmp_path / "images" / "p2_rejected.png.tmp-123").write_bytes(b"torn")  # Killed mid-write.
+  (tmp_path / "images" / ".p2_rejected.png.k3j_9x.tmp").write_bytes(b"torn")  # Killed mid-write.
   (tmp_path / "images" / "user.tmp-1.png").write_bytes(b"not ours")
   _write(tmp_path, 1, start=2)  # The rerun redoes p2 over its orphan image.
   assert [r.id for r in pairs.read_pairs(tmp_path)] == ["p0", "p1", "p2"]

@@ -1,0 +1,25 @@
+"""Atomic writes keep the old file on failure and leave recognisable leftovers only."""
+
+import os
+
+import pytest
+
+from spatial_jax import fileio
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+  path = tmp_path / "a.json"
+  fileio.write_atomic(path, b"old")
+  with pytest.raises(RuntimeError), fileio.atomic_writer(path) as f:
+    f.write(b"half")
+    raise RuntimeError("killed")
+  assert path.read_bytes() == b"old"
+  assert os.listdir(tmp_path) == ["a.json"]
+  fileio.write_atomic(path, b"new")
+  assert path.read_bytes() == b"new" and oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_leftover_names():
+  assert fileio.is_leftover(".img_1.png.k3j_9x.tmp")
+  assert not fileio.is_leftover("img.tmp-1.png")
+  assert not fileio.is_leftover("a.tmp")
