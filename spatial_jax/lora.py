@@ -59,7 +59,15 @@ class LoRALinear(nnx.Module):
     enabled: static switch; `disabled(model)` turns it off to get the base model's output.
   """
 
-  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    base: nnx.Linear,
+    *,
+    rank: int,
+    alpha: float,
+    rngs: nnx.Rngs,
+    param_dtype: Any = jnp.float32,
+  ):
     if rank <= 0:
       raise ValueError(f"LoRA rank must be positive, got {rank}.")
     self.base = base
@@ -76,17 +84,19 @@ class LoRALinear(nnx.Module):
       return nnx.with_partitioning(init, axes, **extra) if names else init
 
     in_axis, out_axis = names if names else (None, None)
+    # Adapters are kept in fp32 even on a bf16 base (as PEFT does): at LoRA learning rates an
+    # update is far below bf16's spacing near the adapters' values and would round away.
     # Create the adapters the way the base kernel was created: a model built with eager sharding
     # off (no mesh) must also get unsharded adapters, or creating them would need a mesh.
     with nnx.use_eager_sharding(meta.get("eager_sharding", nnx.using_eager_sharding())):
       self.lora_a = nnx.LoRAParam(
         annotate(_a_init, (in_axis, LORA_AXIS))(
-          rngs.params(), (base.in_features, rank), kernel.dtype
+          rngs.params(), (base.in_features, rank), param_dtype
         )
       )
       self.lora_b = nnx.LoRAParam(
         annotate(nnx.initializers.zeros, (LORA_AXIS, out_axis))(
-          rngs.params(), (rank, base.out_features), kernel.dtype
+          rngs.params(), (rank, base.out_features), param_dtype
         )
       )
 

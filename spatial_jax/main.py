@@ -18,9 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Environment variables that mean "this process is one of several". Each of
-# these launchers is auto-detected by `jax.distributed.initialize()`, which
-# needs no arguments there (jax docs: TPU, Slurm, Open MPI).
+# Environment variables that mean "this process is one of several". Under srun,
+# mpirun and TPU pods `jax.distributed.initialize()` configures itself (jax docs);
+# elsewhere it needs JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 _MULTIPROCESS_ENV = {
   "SLURM_NTASKS": lambda v: int(v) > 1,
   "OMPI_COMM_WORLD_SIZE": lambda v: int(v) > 1,
@@ -54,7 +54,21 @@ def main(argv):
   reason = multiprocess_reason()
   if reason:
     logging.info("Multi-process environment (%s): jax.distributed.initialize()", reason)
-    jax.distributed.initialize()
+    # jax reads JAX_COORDINATOR_ADDRESS itself; the count and rank are ours to pass.
+    explicit = {
+      key: int(os.environ[name])
+      for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+      if name in os.environ
+    }
+    try:
+      jax.distributed.initialize(**explicit)
+    except (RuntimeError, ValueError) as e:
+      raise RuntimeError(
+        f"{reason} says this is a multi-process run, but jax.distributed.initialize() could not "
+        f"configure itself: {e}. Launch with srun / mpirun / on every TPU worker, or set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; unset the variable for "
+        "a single-process run."
+      ) from e
   jax.config.update("jax_threefry_partitionable", True)
 
   config = _CONFIG.value

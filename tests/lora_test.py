@@ -151,6 +151,19 @@ def test_computes_in_base_dtype():
   assert layer.lora_a[...].dtype == jnp.float32  # Params keep the base's param dtype.
 
 
+def test_adapters_stay_fp32_on_a_bf16_base_so_small_updates_land():
+  base = nnx.Linear(D, D, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  layer = lora.LoRALinear(base, rank=2, alpha=2, rngs=nnx.Rngs(1))
+  assert layer.lora_a[...].dtype == layer.lora_b[...].dtype == jnp.float32
+  a = layer.lora_a[...]
+  # A 2e-6 step (the paper's reward lr) vanishes in bf16 near |a| ~ 0.1 but not in fp32.
+  assert not np.array_equal(np.asarray(a + 2e-6), np.asarray(a))
+  assert np.array_equal(
+    np.asarray(a.astype(jnp.bfloat16) + 2e-6), np.asarray(a.astype(jnp.bfloat16))
+  )
+  assert layer(_x()).dtype == jnp.bfloat16
+
+
 def test_adapter_sharding_follows_base_axes(mesh):
   model = _toy()
   lora.apply_lora(model, rank=4, alpha=4, targets=["blocks.0.attn.to_q"], rngs=nnx.Rngs(1))

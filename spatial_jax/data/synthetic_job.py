@@ -14,6 +14,7 @@ an interrupted build resumes without duplicates or gaps.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 from typing import Any
@@ -138,6 +139,29 @@ def _gallery(
   return np.stack(images), ncols
 
 
+# Fields that decide what pair i looks like. A rerun into the same folder must use the same
+# values, or the folder would mix pairs of two worlds while skipping the ids it already has.
+GENERATOR_FIELDS = ("seed", "image_size", "min_objects", "max_objects", "max_relations")
+_GENERATOR_FILE = "generator.json"
+
+
+def _check_generator_fields(config: Any, workdir: str) -> None:
+  fields = {name: config[name] for name in GENERATOR_FIELDS}
+  path = os.path.join(workdir, _GENERATOR_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    differ = {k: (recorded.get(k), v) for k, v in fields.items() if recorded.get(k) != v}
+    if differ:
+      raise ValueError(
+        f"{workdir} holds pairs made with other settings (recorded -> now: {differ}); "
+        "use a new folder or the recorded values."
+      )
+  elif pairs.PAIRS_FILE in os.listdir(workdir):
+    logging.warning("%s has pairs but no %s; assuming they match.", workdir, _GENERATOR_FILE)
+  metrics.write_summary(workdir, fields, name=_GENERATOR_FILE)
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Writes the pairs folder, `gallery.png` and `stats.json` into `workdir`."""
   import jax
@@ -145,9 +169,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if jax.process_index() != 0:
     logging.info("data_synthetic writes from process 0 only; nothing to do here.")
     return {}
-  if config.num_train < 0 or config.num_test < 0:
-    raise ValueError(f"num_train/num_test must be >= 0, got {config.num_train}/{config.num_test}.")
+  if config.num_train < 0 or config.num_test < 0 or config.num_train + config.num_test == 0:
+    raise ValueError(
+      f"num_train/num_test must be >= 0 and not both 0, got {config.num_train}/{config.num_test}."
+    )
   os.makedirs(workdir, exist_ok=True)
+  _check_generator_fields(config, workdir)
   start = time.time()
   written = _write_pairs(config, workdir)
   records = pairs.read_pairs(workdir)

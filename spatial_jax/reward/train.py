@@ -30,11 +30,13 @@ from spatial_jax.reward.model import trainable_filter
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay, global-norm clipping, and accumulation."""
   t = config.train
+  # `steps` and `warmup_steps` count micro-batches; the schedule counts optimizer updates.
+  k = max(1, t.grad_accum_steps)
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=t.lr,
-    warmup_steps=t.warmup_steps,
-    decay_steps=max(t.steps, t.warmup_steps + 1),
+    warmup_steps=t.warmup_steps // k,
+    decay_steps=max(t.steps // k, t.warmup_steps // k + 1),
     end_value=t.lr * t.end_lr_fraction,
   )
   tx = optax.chain(
@@ -131,6 +133,10 @@ def ensure_pairs(config: Any, workdir: str) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates periodically, checkpoints, and exports; returns the final metrics."""
   # -- Mesh ----------------------------------------------------------------------------------
+  if jax.process_count() > 1:
+    # Each process would need its own slice of the batch, with chosen/rejected rows of a pair
+    # kept together (make_array_from_process_local_data); until then, refuse clearly.
+    raise NotImplementedError("reward_train runs in one process (any number of local devices).")
   if jax.process_index() == 0:  # main.py writes it too; Colab and tests call run() directly.
     os.makedirs(workdir, exist_ok=True)
     metrics.write_config_json(workdir, config)
@@ -197,45 +203,52 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # -- Train loop ----------------------------------------------------------------------------
   writer = metrics.create_writer(workdir)
   progress = metrics.Progress(
-    config.train.steps, every_secs=config.log_every_secs, name="train", writer=writer
+    config.train.steps,
+    every_secs=config.log_every_secs,
+    name="train",
+    writer=writer,
+    start_step=start_step,
   )
   history = evaluate.History.load(workdir)
   start_time = time.time()
   step = start_step
-  with sharding.use_mesh(mesh, rules):
-    for step in range(start_step + 1, config.train.steps + 1):
-      batch = next(train_iter)
-      inputs = pair_inputs(built.preparer, batch)
-      inputs = jax.device_put(inputs, input_shardings(inputs, mesh, rules))
-      trainable, opt_state, aux = p_step(trainable, opt_state, frozen, inputs, step)
-      log_now = step % config.log_every_steps == 0 or step == config.train.steps
-      if log_now or step % config.train.checkpoint_every == 0:
-        aux = jax.device_get(aux)
-        if not aux.pop("finite"):
-          ckpt.wait_until_finished()
-          raise FloatingPointError(
-            f"Non-finite reward training at step {step}: loss {aux['loss']}, grad norm "
-            f"{aux['grad_norm']} (checked every {config.log_every_steps} steps and before each "
-            f"save); the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
-            "Lower config.train.lr or check the data."
+  try:
+    with sharding.use_mesh(mesh, rules):
+      for step in range(start_step + 1, config.train.steps + 1):
+        batch = next(train_iter)
+        inputs = pair_inputs(built.preparer, batch)
+        inputs = jax.device_put(inputs, input_shardings(inputs, mesh, rules))
+        trainable, opt_state, aux = p_step(trainable, opt_state, frozen, inputs, step)
+        log_now = step % config.log_every_steps == 0 or step == config.train.steps
+        if log_now or step % config.train.checkpoint_every == 0:
+          aux = jax.device_get(aux)
+          if not aux.pop("finite"):
+            ckpt.wait_until_finished()
+            raise FloatingPointError(
+              f"Non-finite reward training at step {step}: loss {aux['loss']}, grad norm "
+              f"{aux['grad_norm']} (checked every {config.log_every_steps} steps and before each "
+              f"save); the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+              "Lower config.train.lr or check the data."
+            )
+        if log_now:
+          scalars = {f"train/{k}": float(v) for k, v in aux.items() if k != "finite"}
+          writer.write_scalars(step, scalars)
+          history.add(step, scalars)
+        progress(step)
+        if step % config.eval_every_steps == 0 or step == config.train.steps:
+          result = evaluate.evaluate(
+            functools.partial(p_score, trainable, frozen), built.preparer, test_records, config
           )
-      if log_now:
-        scalars = {f"train/{k}": float(v) for k, v in aux.items() if k != "finite"}
-        writer.write_scalars(step, scalars)
-        history.add(step, scalars)
-      progress(step)
-      if step % config.eval_every_steps == 0 or step == config.train.steps:
-        result = evaluate.evaluate(
-          functools.partial(p_score, trainable, frozen), built.preparer, test_records, config
-        )
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in result.scalars().items()})
-        history.add(step, {f"eval/{k}": v for k, v in result.scalars().items()})
-        logging.info("step %d: eval %s", step, result.summary())
-      ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter)
-      history.save(workdir)
-  ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter, force=True)
-  ckpt.close()
-  writer.flush()
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in result.scalars().items()})
+          history.add(step, {f"eval/{k}": v for k, v in result.scalars().items()})
+          logging.info("step %d: eval %s", step, result.summary())
+        ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter)
+        history.save(workdir)
+    ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter, force=True)
+  finally:
+    # Also on an error: flush the last scalars and finish any in-flight save.
+    ckpt.close()
+    writer.flush()
 
   # -- Final evaluation and report -----------------------------------------------------------
   final = evaluate.evaluate(

@@ -67,3 +67,12 @@ def test_pairs_differ_in_exactly_one_relation_of_the_prompt(tmp_path):
 def test_bad_counts_are_refused(tmp_path):
   with pytest.raises(ValueError, match="num_train"):
     synthetic_job.run(_config(num_train=-1), str(tmp_path))
+
+
+def test_rerun_with_other_generator_settings_is_refused(tmp_path):
+  synthetic_job.run(_config(), str(tmp_path))
+  with pytest.raises(ValueError, match=r"other settings.*image_size.*\(32, 48\)"):
+    synthetic_job.run(_config(image_size=48), str(tmp_path))
+  with pytest.raises(ValueError, match="not both 0"):
+    synthetic_job.run(_config(num_train=0, num_test=0), str(tmp_path / "empty"))
+  assert len(pairs.read_pairs(tmp_path)) == 16  # Nothing written was lost.
