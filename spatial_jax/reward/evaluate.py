@@ -189,7 +189,7 @@ class History:
     left.set_title("loss")
     right.set_xlabel("step")
     right.set_title("pairwise accuracy")
-    right.set_ylim(0.4, 1.0)
+    right.set_ylim(0.0, 1.0)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
