@@ -38,14 +38,22 @@ def get_config(arg=None):
     pretrained="",  # A Hugging Face Qwen2.5-VL folder; empty: the synthetic world's model.
     preset="tiny",
     # Overrides of the preset's VisionConfig / TextConfig fields.
-    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64),
+    vision=dict(
+      depth=2,
+      hidden_size=64,
+      intermediate_size=128,
+      num_heads=4,
+      out_hidden_size=64,
+      fullatt_block_indexes=(1,),
+    ),
     text=dict(
       hidden_size=64,
       intermediate_size=128,
       num_hidden_layers=2,
       num_attention_heads=4,
       num_key_value_heads=2,
-      mrope_section=[2, 3, 3],
+      mrope_section=(2, 3, 3),
+      rope_theta=10000.0,
     ),
     dtype="float32",
     param_dtype="float32",
@@ -56,6 +64,7 @@ def get_config(arg=None):
     lora_alpha=16,
     lora_targets=[],  # Empty: q/k/v/o/gate/up/down of the language model.
     head_hidden=128,
+    template="synthetic",  # or "synthetic_text_first"
     instruction="",
   )
   config.loss = "gaussian_mc"

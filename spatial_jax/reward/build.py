@@ -137,7 +137,7 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
   else:
     bconfig = backbone_config(config)
     image_processor = qwen_processor.ImageProcessor.from_config(bconfig.vision)
-    template = PromptTemplate(kind="synthetic")
+    template = PromptTemplate(kind=config.model.get("template", "synthetic"))
 
     def ctor():
       backbone = Qwen25VLModel(bconfig, rngs=nnx.Rngs(seed))

@@ -37,19 +37,29 @@ QWEN_INSTRUCTION = (
 class PromptTemplate:
   """How a text prompt becomes the model's token sequence (one image placeholder)."""
 
-  kind: str = "synthetic"  # "synthetic" or "qwen_chat"
+  # "synthetic": `<bos> <image> {prompt} <reward>`; "synthetic_text_first":
+  # `<bos> {prompt} <image> <reward>` (the image tokens can attend to the named objects);
+  # "qwen_chat": the Qwen2.5-VL chat turn with `instruction`.
+  kind: str = "synthetic"
   instruction: str = QWEN_INSTRUCTION
 
   def format(self, prompt: str) -> str:
     if self.kind == "synthetic":
       return qwen_processor.synthetic_prompt(prompt, reward_token=True)
+    if self.kind == "synthetic_text_first":
+      bos, image = qwen_processor.SYNTHETIC_BOS, qwen_processor.SYNTHETIC_IMAGE
+      return f"{bos} {prompt} {image} {REWARD_TOKEN}"
     if self.kind == "qwen_chat":
       return qwen_processor.chat_prompt(self.instruction.format(prompt=prompt))
-    raise ValueError(f"Unknown prompt template kind {self.kind!r}; use 'synthetic' or 'qwen_chat'")
+    raise ValueError(
+      f"Unknown prompt template {self.kind!r}; use synthetic, synthetic_text_first or qwen_chat"
+    )
 
   @property
   def image_token(self) -> str:
-    return qwen_processor.SYNTHETIC_IMAGE if self.kind == "synthetic" else qwen_processor.IMAGE_PAD
+    if self.kind.startswith("synthetic"):
+      return qwen_processor.SYNTHETIC_IMAGE
+    return qwen_processor.IMAGE_PAD
 
 
 class SpatialScoreModel(nnx.Module):
