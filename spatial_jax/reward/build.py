@@ -106,6 +106,24 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
       f"config.model.preset={config.model.preset!r} needs config.model.pretrained: a local "
       "Hugging Face folder with its weights (nothing is downloaded)."
     )
+
+  def add_reward_parts(backbone: Qwen25VLModel) -> SpatialScoreModel:
+    """LoRA (when configured), the `<reward>` embedding and the head, on a backbone."""
+    if use_lora:
+      lora.apply_lora(
+        backbone,
+        rank=config.model.lora_rank,
+        alpha=config.model.lora_alpha,
+        targets=targets,
+        rngs=nnx.Rngs(seed + 1),
+      )
+    return SpatialScoreModel(
+      backbone,
+      reward_token_id=reward_id,
+      head_hidden=config.model.head_hidden,
+      rngs=nnx.Rngs(seed + 2),
+    )
+
   if config.model.pretrained:
     backbone = Qwen25VLModel.from_pretrained(
       config.model.pretrained, mesh=mesh, sharding_rules=config.sharding_rules, **_runtime(config)
@@ -115,48 +133,16 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
     template = PromptTemplate(
       kind="qwen_chat", instruction=config.model.instruction or QWEN_INSTRUCTION
     )
-
-    def ctor():
-      if use_lora:
-        lora.apply_lora(
-          backbone,
-          rank=config.model.lora_rank,
-          alpha=config.model.lora_alpha,
-          targets=targets,
-          rngs=nnx.Rngs(seed),
-        )
-      return SpatialScoreModel(
-        backbone,
-        reward_token_id=reward_id,
-        head_hidden=config.model.head_hidden,
-        rngs=nnx.Rngs(seed),
-      )
-
+    # The backbone was placed shard by shard as it was read; only the small new parts remain.
     with sharding.use_mesh(mesh, rules):
-      model = ctor()
+      model = add_reward_parts(backbone)
   else:
     bconfig = backbone_config(config)
     image_processor = qwen_processor.ImageProcessor.from_config(bconfig.vision)
     template = PromptTemplate(kind=config.model.get("template", "synthetic"))
-
-    def ctor():
-      backbone = Qwen25VLModel(bconfig, rngs=nnx.Rngs(seed))
-      if use_lora:
-        lora.apply_lora(
-          backbone,
-          rank=config.model.lora_rank,
-          alpha=config.model.lora_alpha,
-          targets=targets,
-          rngs=nnx.Rngs(seed + 1),
-        )
-      return SpatialScoreModel(
-        backbone,
-        reward_token_id=reward_id,
-        head_hidden=config.model.head_hidden,
-        rngs=nnx.Rngs(seed + 2),
-      )
-
-    model = sharding.create_sharded(ctor, mesh, rules)
+    model = sharding.create_sharded(
+      lambda: add_reward_parts(Qwen25VLModel(bconfig, rngs=nnx.Rngs(seed))), mesh, rules
+    )
   preparer = BatchPreparer(
     bconfig, tok, image_processor, template, max_length=config.data.max_length
   )

@@ -116,30 +116,46 @@ class EvalResult:
     return ", ".join(f"{k} {v:.4f}" for k, v in self.scalars().items())
 
 
+def score_in_chunks(
+  score_inputs: Callable[[Any], tuple[Any, Any]],
+  preparer: Any,
+  images: Sequence[Any],
+  prompts: Sequence[str],
+  chunk: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of each (image, prompt), in chunks of `chunk` sequences.
+
+  The last chunk is padded with copies of its last row, so every call has one shape and the
+  jitted scorer compiles once.
+  """
+  mus, sigmas = [], []
+  for start in range(0, len(images), chunk):
+    batch, texts = list(images[start : start + chunk]), list(prompts[start : start + chunk])
+    real = len(batch)
+    batch += [batch[-1]] * (chunk - real)
+    texts += [texts[-1]] * (chunk - real)
+    mu, sigma = score_inputs(preparer(batch, texts))
+    mus.append(np.asarray(mu, np.float32)[:real])
+    sigmas.append(np.asarray(sigma, np.float32)[:real])
+  return np.concatenate(mus), np.concatenate(sigmas)
+
+
 def evaluate(
   score: Callable[[Any], tuple[Any, Any]],
   preparer: Any,
   eval_pairs: Sequence[EvalPair],
   config: Any,
 ) -> EvalResult:
-  """Scores every pair in fixed-size batches (the last one padded, so one compile)."""
-  batch = config.eval.batch_size
-  mus, sigmas = [], []
-  for start in range(0, len(eval_pairs), batch):
-    chunk = list(eval_pairs[start : start + batch])
-    real = len(chunk)
-    chunk += [chunk[-1]] * (batch - real)
-    images = [p.chosen for p in chunk] + [p.rejected for p in chunk]
-    prompts = [p.prompt for p in chunk] * 2
-    mu, sigma = score(preparer(images, prompts))
-    mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
-    mus.append((mu[:real], mu[batch : batch + real]))
-    sigmas.append((sigma[:real], sigma[batch : batch + real]))
+  """Scores every pair's chosen and rejected image against its prompt."""
+  n = len(eval_pairs)
+  images = [p.chosen for p in eval_pairs] + [p.rejected for p in eval_pairs]
+  prompts = [p.prompt for p in eval_pairs] * 2
+  mu, sigma = score_in_chunks(score, preparer, images, prompts, 2 * config.eval.batch_size)
   return EvalResult(
-    mu_chosen=np.concatenate([m[0] for m in mus]),
-    mu_rejected=np.concatenate([m[1] for m in mus]),
-    sigma_chosen=np.concatenate([s[0] for s in sigmas]),
-    sigma_rejected=np.concatenate([s[1] for s in sigmas]),
+    mu_chosen=mu[:n],
+    mu_rejected=mu[n:],
+    sigma_chosen=sigma[:n],
+    sigma_rejected=sigma[n:],
     relation_type=[p.relation_type for p in eval_pairs],
     long_prompt=np.array([p.long_prompt for p in eval_pairs]),
   )

@@ -43,7 +43,7 @@ from spatial_jax import checkpoint, hf, lora, metrics, sharding
 from spatial_jax.data import pairs
 from spatial_jax.models.qwen25vl import ModelInputs
 from spatial_jax.models.qwen25vl import params as qwen_params
-from spatial_jax.reward import build
+from spatial_jax.reward import build, evaluate
 from spatial_jax.reward.model import REWARD_TOKEN, trainable_filter
 from spatial_jax.reward.train import input_shardings
 
@@ -272,19 +272,10 @@ class SpatialScore:
       raise ValueError("SpatialScore.score got no images")
     if len(images) != len(prompts):
       raise ValueError(f"SpatialScore.score got {len(images)} images but {len(prompts)} prompts")
-    chunk = self.batch_size
-    mus, sigmas = [], []
-    for start in range(0, len(images), chunk):
-      stop = min(start + chunk, len(images))
-      batch = [self._prepare_image(images[i], i) for i in range(start, stop)]
-      texts = prompts[start : start + chunk]
-      real = len(batch)
-      batch += [batch[-1]] * (chunk - real)
-      texts += [texts[-1]] * (chunk - real)
-      mu, sigma = self.score_inputs(self.preparer(batch, texts))
-      mus.append(np.asarray(mu, np.float32)[:real])
-      sigmas.append(np.asarray(sigma, np.float32)[:real])
-    return np.concatenate(mus), np.concatenate(sigmas)
+    images = [self._prepare_image(image, i) for i, image in enumerate(images)]
+    return evaluate.score_in_chunks(
+      self.score_inputs, self.preparer, images, prompts, self.batch_size
+    )
 
   def score_inputs(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
     """(mu, sigma) of prepared inputs (`preparer(images, prompts)`); for `evaluate.evaluate`."""
