@@ -459,7 +459,7 @@ def load_into(
   Args:
     model: an nnx.Module, usually abstract (`nnx.eval_shape(lambda: Model(cfg, rngs=...))`:
       shapes, dtypes and logical sharding names, no memory), or a `(graphdef, state)` pair.
-    folder: a `SafetensorsFolder` or a path it accepts.
+    folder: a `SafetensorsFolder` (or a view with its `keys`, `read` and `path`) or a path.
     rules: the family's HF key -> our path table (see `KeyRule`).
     aliases: tied weights: `{target: source}` fills our `target` from the same HF key as our
       `source` when no HF key maps to `target` (e.g. `{"lm_head.kernel": ("embed.embedding",
@@ -480,7 +480,8 @@ def load_into(
       read) or a shape mismatch (naming the HF key, our path and both shapes).
   """
   graphdef, state = _split(model)
-  folder = folder if isinstance(folder, SafetensorsFolder) else SafetensorsFolder(folder)
+  # Anything with SafetensorsFolder's `keys` / `read` / `path` works (e.g. a renaming view).
+  folder = folder if hasattr(folder, "read") else SafetensorsFolder(folder)
   flat = list(nnx.to_flat_state(state))
   targets = {".".join(str(p) for p in path): var for path, var in flat}
 

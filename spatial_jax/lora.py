@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import safetensors.numpy
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 # The filter that selects the trainable (adapter) parameters.
 trainable_filter = nnx.LoRAParam
@@ -43,9 +44,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # A name map is a list of (our path template, HF module template) pairs; see `hf_name`.
 NameMap = Sequence[tuple[str, str]]
 
-# PEFT's kaiming_uniform_(a=sqrt(5)) on a (rank, in) weight is U(-1/sqrt(in), 1/sqrt(in)); this is
-# the same distribution on our (in, rank) layout: gain^2 = 2 / (1 + 5) = 1/3, fan_in = in.
-_a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# LoRA A starts as PEFT's kaiming_uniform_(a=sqrt(5)) on a (rank, in) weight, U(-1/sqrt(in),
+# 1/sqrt(in)): on our (in, rank) layout that is variance_scaling(gain^2 = 2 / (1 + 5) = 1/3,
+# fan_in = in), with any stacked-layer axes as batch axes.
 
 
 class LoRALinear(nnx.Module):
@@ -53,7 +54,8 @@ class LoRALinear(nnx.Module):
 
   Attributes:
     base: the wrapped `nnx.Linear` (the same object, not a copy).
-    lora_a: (in, rank) `nnx.LoRAParam`, logical axes (base input axis, "lora").
+    lora_a: (in, rank) `nnx.LoRAParam`, logical axes (base input axis, "lora"); with a leading
+      layer axis when the base is a stack of scanned layers.
     lora_b: (rank, out) `nnx.LoRAParam`, zeros at init, logical axes ("lora", base output axis).
     rank, alpha: the LoRA rank and alpha; the update is scaled by alpha / rank.
     enabled: static switch; `disabled(model)` turns it off to get the base model's output.
@@ -75,6 +77,9 @@ class LoRALinear(nnx.Module):
     self.alpha = alpha
     self.enabled = True
     kernel = base.kernel
+    # A base inside a stack of scanned blocks has kernel (*layers, in, out): the adapters get the
+    # same leading axes, and `nnx.scan` hands each step its own (in, rank) / (rank, out) slice.
+    lead = tuple(kernel.shape[:-2])
     meta = kernel.get_metadata()
     names = meta.get("out_sharding")
     extra = {k: meta[k] for k in ("mesh", "sharding_rules") if meta.get(k) is not None}
@@ -83,22 +88,47 @@ class LoRALinear(nnx.Module):
       # Only annotate when the base is annotated: "lora" alone would not place anything.
       return nnx.with_partitioning(init, axes, **extra) if names else init
 
-    in_axis, out_axis = names if names else (None, None)
+    *lead_axes, in_axis, out_axis = names if names else (None,) * (len(lead) + 2)
+    a_init = nnx.initializers.variance_scaling(
+      1.0 / 3.0, "fan_in", "uniform", batch_axis=tuple(range(len(lead)))
+    )
     # Adapters are kept in fp32 even on a bf16 base (as PEFT does): at LoRA learning rates an
     # update is far below bf16's spacing near the adapters' values and would round away.
     # Create the adapters the way the base kernel was created: a model built with eager sharding
     # off (no mesh) must also get unsharded adapters, or creating them would need a mesh.
     with nnx.use_eager_sharding(meta.get("eager_sharding", nnx.using_eager_sharding())):
       self.lora_a = nnx.LoRAParam(
-        annotate(_a_init, (in_axis, LORA_AXIS))(
-          rngs.params(), (base.in_features, rank), param_dtype
+        annotate(a_init, (*lead_axes, in_axis, LORA_AXIS))(
+          rngs.params(), (*lead, base.in_features, rank), param_dtype
         )
       )
       self.lora_b = nnx.LoRAParam(
-        annotate(nnx.initializers.zeros, (LORA_AXIS, out_axis))(
-          rngs.params(), (rank, base.out_features), param_dtype
+        annotate(nnx.initializers.zeros, (*lead_axes, LORA_AXIS, out_axis))(
+          rngs.params(), (*lead, rank, base.out_features), param_dtype
         )
       )
+    self._place_like_base(kernel.get_value())
+
+  def _place_like_base(self, kernel: Any) -> None:
+    """Lays the adapters out like a concrete, mesh-sharded base kernel: A split as the kernel's
+    input dimension, B as its output dimension, the rank replicated. (Annotations alone do not
+    place them when the base was loaded shard by shard outside flax's eager sharding.)"""
+    sharding = getattr(kernel, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or isinstance(kernel, jax.core.Tracer):
+      return
+    spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+    *lead, in_spec, out_spec = spec
+    for param, layout in (
+      (self.lora_a, (*lead, in_spec, None)),
+      (self.lora_b, (*lead, None, out_spec)),
+    ):
+      param[...] = jax.device_put(param[...], NamedSharding(sharding.mesh, PartitionSpec(*layout)))
+
+  @property
+  def num_stacked(self) -> int | None:
+    """The number of stacked layers this adapter spans, or None for a plain layer."""
+    shape = self.lora_a.shape
+    return None if len(shape) == 2 else shape[0]
 
   @property
   def scale(self) -> float:
@@ -248,13 +278,19 @@ def _template_regex(template: str) -> re.Pattern[str]:
   )
 
 
+# In a name map's HF template, `{layer}` stands for the layer index of a stacked (scanned) module:
+# our one path `blocks.attn.to_q` with adapters (L, in, r) is L HF modules `blocks.{0..L-1}.attn.to_q`.
+LAYER = "layer"
+
+
 def hf_name(path: str, name_map: NameMap | None) -> str:
   """Translates our dotted module path to the Hugging Face module name.
 
   `name_map` is a list of (ours, theirs) templates, tried in order; the first whose `ours` fully
   matches `path` wins. `{name}` placeholders match one path segment (no dots) and are copied into
   `theirs`, e.g. `("blocks.{i}.attn.{proj}", "transformer_blocks.{i}.attn.{proj}")` or
-  `("head", "proj_out")`. `None` means the names are the same.
+  `("head", "proj_out")`. `theirs` may also hold `{layer}` (see `LAYER`), which is left in the
+  result for the caller to fill. `None` means the names are the same.
 
   Raises:
     ValueError: no template matches `path`, or a template uses a placeholder the other lacks.
@@ -262,24 +298,42 @@ def hf_name(path: str, name_map: NameMap | None) -> str:
   if name_map is None:
     return path
   for ours, theirs in name_map:
-    if set(_PLACEHOLDER.findall(ours)) != set(_PLACEHOLDER.findall(theirs)):
+    if set(_PLACEHOLDER.findall(ours)) != set(_PLACEHOLDER.findall(theirs)) - {LAYER}:
       raise ValueError(f"name_map entry {(ours, theirs)} uses different placeholders per side.")
     if m := _template_regex(ours).fullmatch(path):
-      return theirs.format(**m.groupdict())
+      return theirs.format(**m.groupdict(), **{LAYER: "{" + LAYER + "}"})
   raise ValueError(f"No name_map entry matches module path {path!r}; name_map: {list(name_map)}")
 
 
-def _hf_names(model: nnx.Module, name_map: NameMap | None) -> dict[str, tuple[str, LoRALinear]]:
-  """HF module name -> (our path, layer) for every LoRA layer; checks the map is one-to-one."""
+class _Entry(NamedTuple):
+  path: str  # Our module path.
+  layer: LoRALinear
+  index: int | None  # The slice of a stacked layer, or None.
+
+
+def _hf_names(model: nnx.Module, name_map: NameMap | None) -> dict[str, _Entry]:
+  """HF module name -> our (path, layer, stacked index) for every LoRA layer, one-to-one."""
   layers = lora_layers(model)
   if not layers:
     raise ValueError("The model has no LoRA layers; call lora.apply_lora first.")
-  out: dict[str, tuple[str, LoRALinear]] = {}
+  out: dict[str, _Entry] = {}
   for path, layer in layers.items():
     name = hf_name(path, name_map)
-    if name in out:
-      raise ValueError(f"name_map sends both {out[name][0]!r} and {path!r} to {name!r}.")
-    out[name] = (path, layer)
+    stacked = layer.num_stacked
+    if (stacked is None) != ("{" + LAYER + "}" not in name):
+      raise ValueError(
+        f"{path!r} maps to {name!r}: a stacked layer needs a {{{LAYER}}} in its HF name and "
+        "a plain layer must not have one."
+      )
+    entries = (
+      [(name, _Entry(path, layer, None))]
+      if stacked is None
+      else [(name.format(**{LAYER: i}), _Entry(path, layer, i)) for i in range(stacked)]
+    )
+    for hf, entry in entries:
+      if hf in out:
+        raise ValueError(f"name_map sends both {out[hf].path!r} and {path!r} to {hf!r}.")
+      out[hf] = entry
   return out
 
 
@@ -297,37 +351,14 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def export_peft(
-  model: nnx.Module,
-  directory: str | os.PathLike[str],
-  *,
-  name_map: NameMap | None = None,
-  base_model_name_or_path: str | None = None,
-  key_prefix: str = "base_model.model.",
-  weights_name: str = WEIGHTS_NAME,
-) -> None:
-  """Writes the adapters as a PEFT folder (`adapter_config.json` + safetensors).
-
-  Keys are `<key_prefix><hf module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank),
-  i.e. PyTorch layout (our matrices transposed), in the adapters' dtype. `key_prefix="transformer."`
-  with `weights_name="pytorch_lora_weights.safetensors"` gives diffusers-style files.
-  `target_modules` is written as an exact-name regex: PEFT reads a list as suffixes, which would
-  also hit e.g. `single_transformer_blocks.0.proj_out` when only the top-level `proj_out` was
-  adapted. When adapters span several processes, call this on every process; process 0 writes.
-  """
-  layers = _hf_names(model, name_map)
-  rank, alpha = _shared_rank_alpha([layer for _, layer in layers.values()])
-  tensors = {}
-  for name, (_, layer) in layers.items():
-    tensors[f"{key_prefix}{name}.lora_A.weight"] = _to_numpy(layer.lora_a[...]).T.copy()
-    tensors[f"{key_prefix}{name}.lora_B.weight"] = _to_numpy(layer.lora_b[...]).T.copy()
-  config = {
+def _peft_config(rank: int, alpha: float, names: Sequence[str], base: str | None) -> dict:
+  return {
     "peft_type": "LORA",
     "task_type": None,
-    "base_model_name_or_path": base_model_name_or_path,
+    "base_model_name_or_path": base,
     "r": rank,
     "lora_alpha": alpha,
-    "target_modules": "|".join(re.escape(n) for n in sorted(layers)),
+    "target_modules": "|".join(re.escape(n) for n in sorted(names)),
     "lora_dropout": 0.0,
     "bias": "none",
     "fan_in_fan_out": False,
@@ -339,16 +370,69 @@ def export_peft(
     "rank_pattern": {},
     "alpha_pattern": {},
   }
+
+
+# diffusers keeps the adapter's LoraConfig in the safetensors header under this key, each field
+# prefixed with the component (`transformer.r`), instead of an adapter_config.json.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+def export_peft(
+  model: nnx.Module,
+  directory: str | os.PathLike[str],
+  *,
+  name_map: NameMap | None = None,
+  base_model_name_or_path: str | None = None,
+  key_prefix: str = "base_model.model.",
+  weights_name: str = WEIGHTS_NAME,
+  diffusers_component: str | None = None,
+) -> None:
+  """Writes the adapters as a PEFT folder (`adapter_config.json` + safetensors).
+
+  Keys are `<key_prefix><hf module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank),
+  i.e. PyTorch layout (our matrices transposed), in the adapters' dtype; a stacked layer is
+  written as one module per layer (`{layer}` in `name_map`). `target_modules` is written as an
+  exact-name regex: PEFT reads a list as suffixes, which would also hit e.g.
+  `single_transformer_blocks.0.proj_out` when only the top-level `proj_out` was adapted.
+
+  `diffusers_component="transformer"` writes diffusers' format instead: keys prefixed with
+  `transformer.`, `pytorch_lora_weights.safetensors` by default, and the LoRA config (rank and
+  alpha included) in the file's `lora_adapter_metadata` header, which
+  `FluxPipeline.load_lora_weights` reads. When adapters span several processes, call this on
+  every process; process 0 writes.
+  """
+  entries = _hf_names(model, name_map)
+  rank, alpha = _shared_rank_alpha([e.layer for e in entries.values()])
+  if diffusers_component:
+    key_prefix = f"{diffusers_component}."
+    if weights_name == WEIGHTS_NAME:
+      weights_name = DIFFUSERS_WEIGHTS_NAME
+  tensors = {}
+  gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+  for name, (_, layer, index) in entries.items():
+    if id(layer) not in gathered:
+      gathered[id(layer)] = (_to_numpy(layer.lora_a[...]), _to_numpy(layer.lora_b[...]))
+    a, b = gathered[id(layer)]
+    if index is not None:
+      a, b = a[index], b[index]
+    tensors[f"{key_prefix}{name}.lora_A.weight"] = a.T.copy()
+    tensors[f"{key_prefix}{name}.lora_B.weight"] = b.T.copy()
+  config = _peft_config(rank, alpha, list(entries), base_model_name_or_path)
   if jax.process_index() != 0:
     return
   os.makedirs(directory, exist_ok=True)
-  safetensors.numpy.save_file(
-    tensors, os.path.join(directory, weights_name), metadata={"format": "pt"}
-  )
-  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  logging.info("Wrote LoRA adapter (%d layers, r=%d) to %s", len(layers), rank, directory)
+  metadata = {"format": "pt"}
+  if diffusers_component:
+    packed = {f"{diffusers_component}.{k}": v for k, v in config.items()}
+    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+  safetensors.numpy.save_file(tensors, os.path.join(directory, weights_name), metadata=metadata)
+  if not diffusers_component:
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+  logging.info("Wrote LoRA adapter (%d modules, r=%d) to %s", len(entries), rank, directory)
 
+
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 # Config values we do not implement; importing such an adapter would silently change outputs.
 _UNSUPPORTED = (
@@ -362,6 +446,51 @@ _UNSUPPORTED = (
 )
 
 
+def read_adapter_config(
+  directory: str | os.PathLike[str],
+  *,
+  weights_name: str = WEIGHTS_NAME,
+  diffusers_component: str | None = None,
+) -> tuple[dict[str, Any], str, str]:
+  """(config, weights path, where the config came from) for an adapter.
+
+  The LoRA config is PEFT's `adapter_config.json`, or for a diffusers file its
+  `lora_adapter_metadata` header (without one, diffusers takes alpha = rank; so do we, with the
+  rank read from the first lora_A shape).
+
+  Raises:
+    ValueError: a missing file, a config we do not support (DoRA, rsLoRA, per-module ranks...).
+  """
+  if diffusers_component and weights_name == WEIGHTS_NAME:
+    weights_name = DIFFUSERS_WEIGHTS_NAME
+  weights_path = os.path.join(directory, weights_name)
+  if not os.path.exists(weights_path):
+    raise ValueError(f"LoRA adapter file not found: {weights_path}")
+  config_path = os.path.join(directory, CONFIG_NAME)
+  if not diffusers_component:
+    if not os.path.exists(config_path):
+      raise ValueError(f"PEFT adapter file not found: {config_path}")
+    with open(config_path) as f:
+      config = json.load(f)
+  else:
+    config_path = f"{weights_path} ({DIFFUSERS_METADATA_KEY})"
+    with safetensors.safe_open(weights_path, "numpy") as f:
+      header = f.metadata() or {}
+      first_a = next((k for k in f.keys() if k.endswith(".lora_A.weight")), None)
+      rank = f.get_slice(first_a).get_shape()[0] if first_a else None
+    prefix = f"{diffusers_component}."
+    packed = json.loads(header.get(DIFFUSERS_METADATA_KEY) or "{}")
+    config = {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
+    config.setdefault("r", rank)
+    config.setdefault("lora_alpha", config["r"])
+  if config.get("peft_type", "LORA") != "LORA":
+    raise ValueError(f"{config_path}: peft_type is {config['peft_type']!r}, expected 'LORA'.")
+  for field in _UNSUPPORTED:
+    if config.get(field):  # Each is off when falsy (False, None, {}, []).
+      raise ValueError(f"{config_path}: {field}={config[field]!r} is not supported.")
+  return config, weights_path, config_path
+
+
 def import_peft(
   model: nnx.Module,
   directory: str | os.PathLike[str],
@@ -369,49 +498,51 @@ def import_peft(
   name_map: NameMap | None = None,
   key_prefix: str = "base_model.model.",
   weights_name: str = WEIGHTS_NAME,
+  diffusers_component: str | None = None,
 ) -> None:
-  """Loads a PEFT LoRA folder into a model that already has LoRA applied (`apply_lora`).
+  """Loads a PEFT LoRA folder (or, with `diffusers_component`, a diffusers LoRA file) into a
+  model that already has LoRA applied (`apply_lora`).
 
   LoRA must be applied first, with the adapter's targets, rank and alpha: that keeps sharding and
   target choices with the caller, and makes the check exact. The file's keys must be exactly
-  those of the model's LoRA layers (through `name_map`, after `key_prefix`); values keep each
-  adapter's dtype and sharding.
+  those of the model's LoRA layers (through `name_map`, after `key_prefix`; every layer of a
+  stacked module); values keep each adapter's dtype and sharding.
 
   Raises:
     ValueError: naming the file, for a config we do not support (DoRA, rsLoRA, per-module ranks,
       ...), a rank/alpha mismatch, missing or unexpected keys, or shape mismatches.
   """
-  config_path = os.path.join(directory, CONFIG_NAME)
-  weights_path = os.path.join(directory, weights_name)
-  for path in (config_path, weights_path):
-    if not os.path.exists(path):
-      raise ValueError(f"PEFT adapter file not found: {path}")
-  with open(config_path) as f:
-    config = json.load(f)
-  if config.get("peft_type", "LORA") != "LORA":
-    raise ValueError(f"{config_path}: peft_type is {config['peft_type']!r}, expected 'LORA'.")
-  for field in _UNSUPPORTED:
-    if config.get(field):  # Each is off when falsy (False, None, {}, []).
-      raise ValueError(f"{config_path}: {field}={config[field]!r} is not supported.")
-
-  layers = _hf_names(model, name_map)
-  rank, alpha = _shared_rank_alpha([layer for _, layer in layers.values()])
+  config, weights_path, config_path = read_adapter_config(
+    directory, weights_name=weights_name, diffusers_component=diffusers_component
+  )
+  if diffusers_component:
+    key_prefix = f"{diffusers_component}."
+  entries = _hf_names(model, name_map)
+  rank, alpha = _shared_rank_alpha([e.layer for e in entries.values()])
   if (config.get("r"), config.get("lora_alpha")) != (rank, alpha):
     raise ValueError(
-      f"{config_path}: r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, but the model's "
-      f"LoRA layers use rank={rank}, alpha={alpha}."
+      f"{config_path}: r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, but the "
+      f"model's LoRA layers use rank={rank}, alpha={alpha}."
     )
 
   tensors = safetensors.numpy.load_file(weights_path)
   expected = {}
-  for name, (_, layer) in layers.items():
-    expected[f"{key_prefix}{name}.lora_A.weight"] = (layer.lora_a, (rank, layer.base.in_features))
-    expected[f"{key_prefix}{name}.lora_B.weight"] = (layer.lora_b, (layer.base.out_features, rank))
+  for name, (_, layer, index) in entries.items():
+    expected[f"{key_prefix}{name}.lora_A.weight"] = (
+      layer.lora_a,
+      index,
+      (rank, layer.base.in_features),
+    )
+    expected[f"{key_prefix}{name}.lora_B.weight"] = (
+      layer.lora_b,
+      index,
+      (layer.base.out_features, rank),
+    )
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
   bad_shapes = [
     f"{k}: file {tensors[k].shape}, model {shape}"
-    for k, (_, shape) in expected.items()
+    for k, (_, _, shape) in expected.items()
     if k in tensors and tensors[k].shape != shape
   ]
   if missing or unexpected or bad_shapes:
@@ -419,7 +550,17 @@ def import_peft(
       f"{weights_path} does not fit the model's LoRA layers:\n"
       f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {bad_shapes}"
     )
-  for key, (param, _) in expected.items():
+  # Gather every slice of a parameter first, then place it once with its sharding.
+  values: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
+  for key, (param, index, _) in expected.items():
+    if id(param) not in values:
+      values[id(param)] = (param, _to_numpy(param[...]).copy())
+    host = values[id(param)][1]
+    if index is None:
+      host[...] = tensors[key].T
+    else:
+      host[index] = tensors[key].T
+  for param, host in values.values():
     old = param[...]
-    param[...] = jax.device_put(tensors[key].T.astype(old.dtype), old.sharding)
-  logging.info("Loaded LoRA adapter (%d layers, r=%d) from %s", len(layers), rank, directory)
+    param[...] = jax.device_put(host.astype(old.dtype), old.sharding)
+  logging.info("Loaded LoRA adapter (%d modules, r=%d) from %s", len(entries), rank, directory)

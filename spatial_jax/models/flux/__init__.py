@@ -1,0 +1,6 @@
+"""FLUX.1 transformer in Flax NNX (diffusers names, diffusers / BFL checkpoints, LoRA)."""
+
+from spatial_jax.models.flux.config import FluxConfig
+from spatial_jax.models.flux.model import FluxTransformer
+
+__all__ = ["FluxConfig", "FluxTransformer"]
