@@ -143,8 +143,11 @@ class LoRALinear(nnx.Module):
       (x, self.lora_a[...], self.lora_b[...]), dtype=self.base.dtype
     )
     precision = self.base.precision
-    update = jnp.matmul(jnp.matmul(x, a, precision=precision), b, precision=precision)
-    return y + (update * self.scale).astype(y.dtype)
+    # Tokens as one matrix dimension: the adapters' gradients then contract a single axis,
+    # which XLA's CPU backend runs about 2x faster than a (batch, seq) contraction.
+    rows = x.reshape(-1, x.shape[-1])
+    update = jnp.matmul(jnp.matmul(rows, a, precision=precision), b, precision=precision)
+    return y + (update.reshape(*x.shape[:-1], -1) * self.scale).astype(y.dtype)
 
 
 def _path_str(path: Sequence[Any]) -> str:
