@@ -1,0 +1,6 @@
+"""T5 v1.1 encoder in Flax NNX (transformers `T5EncoderModel`, FLUX's `text_encoder_2`)."""
+
+from spatial_jax.models.t5.config import T5Config
+from spatial_jax.models.t5.model import T5EncoderModel
+
+__all__ = ["T5Config", "T5EncoderModel"]
