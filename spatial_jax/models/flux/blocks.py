@@ -105,7 +105,7 @@ class FluxSingleTransformerBlock(nnx.Module):
 
   def __call__(self, h, temb, cos, sin) -> jax.Array:
     hn, gate = self.norm(h, temb)
-    mlp = jax.nn.gelu(self.proj_mlp(hn), approximate=True)
+    mlp = layers.gelu_tanh(self.proj_mlp(hn))
     attn = self.attn.attend(*self.attn.qkv(hn), cos, sin)
     h = h + gate[:, None] * self.proj_out(jnp.concatenate([attn, mlp], axis=-1))
     return shard(h, _TOKENS)

@@ -195,6 +195,39 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | No
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * x * (1 + t), t
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """`GELU(approximate="tanh")`, with a backward pass that reuses the forward's tanh.
+
+  Same values and derivative as `jax.nn.gelu(x, approximate=True)`; XLA's CPU backend would
+  otherwise recompute the tanh in several backward fusions (0.23 s of a 1.3 s LoRA step in
+  benchmarks/flux_transformer.py).
+  """
+  return _gelu_tanh_parts(x)[0]
+
+
+def _gelu_tanh_fwd(x):
+  y, t = _gelu_tanh_parts(x)
+  return y, (x, t)
+
+
+def _gelu_tanh_bwd(residuals, grad):
+  x, t = residuals
+  inner = _GELU_C * (1 + 3 * 0.044715 * x * x)
+  return (grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 class GELUProj(nnx.Module):
   """diffusers `GELU(dim, inner, approximate="tanh")`: gelu_tanh(proj(x))."""
 
@@ -202,7 +235,7 @@ class GELUProj(nnx.Module):
     self.proj = linear(dim, hidden, ("embed", "mlp"), config, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(self.proj(x), approximate=True)
+    return gelu_tanh(self.proj(x))
 
 
 class FeedForward(nnx.Module):
