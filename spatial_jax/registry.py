@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
   "data_synthetic": "spatial_jax.data.synthetic_job:run",
   "reward_train": "spatial_jax.reward.train:run",
   "reward_eval": "spatial_jax.reward.evaluate_job:run",
+  "flux_sft": "spatial_jax.diffusion.sft_job:run",
 }
 
 

@@ -10,6 +10,7 @@ at D / 2D / 3D, `norm_out` halves swapped).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -18,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from spatial_jax import hf, lora, sharding
+from spatial_jax import fileio, hf, lora, sharding
 from spatial_jax.models.flux.config import FluxConfig
 from spatial_jax.models.flux.model import FluxTransformer
 
@@ -329,3 +331,65 @@ def load_lora(
     model, directory, name_map=lora_name_map(model.config), diffusers_component=DIFFUSERS_COMPONENT
   )
   return ours
+
+
+# --- Writing a diffusers folder -------------------------------------------------------------------
+
+
+def to_diffusers_state(model: FluxTransformer) -> dict[str, np.ndarray]:
+  """The model's weights under diffusers' `FluxTransformer2DModel` keys, in PyTorch layout.
+
+  The inverse of `hf_key_to_path`: a kernel is written transposed as `weight`, a stacked
+  (scanned) module as one key per layer. Gathers sharded arrays to the host; with several
+  processes every process must call it.
+
+  Raises:
+    ValueError: the model has LoRA layers (fold them in with `lora.merge` first, or write the
+      adapter alone with `export_lora`).
+  """
+  if adapted := lora.lora_layers(model):
+    raise ValueError(
+      f"The model has LoRA layers ({sorted(adapted)[:3]}...): lora.merge(model) before writing "
+      "a diffusers folder, or export_lora for the adapter alone."
+    )
+  out: dict[str, np.ndarray] = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = [str(p) for p in path]
+    value = _host(variable[...])
+    if names[-1] == "kernel":
+      names[-1], value = "weight", np.swapaxes(value, -1, -2)
+    if model.config.scan_layers and names[0] in ("transformer_blocks", "single_transformer_blocks"):
+      for i, layer in enumerate(value):
+        out[".".join([names[0], str(i), *names[1:]])] = np.ascontiguousarray(layer)
+    else:
+      out[".".join(names)] = np.ascontiguousarray(value)
+  return out
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(model: FluxTransformer, directory: str | os.PathLike) -> None:
+  """Writes a diffusers `transformer/` folder (`config.json` + one safetensors file) that
+  `FluxTransformer.from_pretrained` and diffusers' `FluxTransformer2DModel.from_pretrained` read.
+
+  Weights keep their dtype. Every process must call it (sharded weights are gathered);
+  process 0 writes.
+  """
+  if model.config.mlp_ratio != 4.0:
+    raise ValueError(
+      f"FluxConfig.mlp_ratio={model.config.mlp_ratio}: diffusers' FluxTransformer2DModel has no "
+      "such field (its MLPs are 4x wide), so this model cannot be written as a diffusers folder."
+    )
+  tensors = to_diffusers_state(model)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  hf.save_safetensors(
+    tensors, os.path.join(directory, "diffusion_pytorch_model.safetensors"), {"format": "pt"}
+  )
+  config = json.dumps(model.config.to_hf_config(), indent=2, sort_keys=True) + "\n"
+  fileio.write_atomic(os.path.join(directory, "config.json"), config.encode())

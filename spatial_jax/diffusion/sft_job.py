@@ -1,0 +1,738 @@
+"""Job `flux_sft`: flow-matching fine-tuning of the FLUX transformer on (prompt, image) pairs.
+
+One linear function, top to bottom, like `reward_train`: mesh -> data -> model -> split ->
+optimizer -> step -> restore -> loop (logs, galleries, checkpoints) -> export. The data are the
+chosen images and their prompts of a pairs folder; images go through the codec to latents and
+are packed into tokens (x0). Per example, t is drawn by `config.train.timestep_sampling`
+(`logit_normal`: SD3's sigmoid of N(mean, std); or `uniform`), optionally shifted by the
+schedule's resolution-dependent mu as the sampler's sigmas are; with noise ~ N(0, 1),
+
+  x_t = (1 - t) x0 + t noise,   target = noise - x0,   loss = mean((v(x_t, t) - target)^2),
+
+the rectified-flow objective whose velocity the Euler sampler integrates from t = 1 to 0.
+
+The step is a pure function of (trainable, optimizer state, frozen, batch, key), jitted under
+the mesh with the trainable and optimizer state donated; the key is `fold_in(rng, step)`, so a
+resumed run draws what an uninterrupted one would. Prompts are encoded outside the step by the
+frozen encoders (they are never differentiated). With `train.ema_decay` > 0 the optimizer state
+also holds an EMA of the trainable weights (`params_ema`), which galleries and the export use.
+
+Every `gallery.every_steps` (and at the end) held-out prompts of `data.eval_split` are sampled
+from fixed noise with the Euler ODE on the FLUX schedule's sigmas; `gallery/step_<N>.png` shows
+the samples above the pairs' reference renders, and the oracle's verdict on the samples (the
+fraction of the prompts' relations satisfied, of their objects found) is logged as
+`gallery/oracle_*`. (On pure noise every colour is "found", so `objects` means something only
+once the samples are clean.)
+
+At the end `<workdir>/final/` holds the generator, for GRPO and for `load_generator`:
+
+  final/generator.json      what the folder holds: codec settings, image size, sampling defaults
+  final/transformer/        a diffusers folder (config.json + safetensors of diffusers-named
+                            weights, EMA if kept, LoRA merged): `FluxTransformer.from_pretrained`
+                            (and diffusers' `FluxTransformer2DModel`) read it
+  final/text_encoders/      the frozen synthetic encoders' weights + config
+  final/lora/               with `trainable="lora"`: the adapter alone, as a diffusers LoRA file
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from spatial_jax import checkpoint, fileio, lora, metrics, sharding
+from spatial_jax.data import loader as pair_loader
+from spatial_jax.data import oracle
+from spatial_jax.data import pairs as pairs_lib
+from spatial_jax.diffusion import synthetic
+from spatial_jax.diffusion.latents import image_ids, latent_size, pack, text_ids, unpack
+from spatial_jax.diffusion.sampler import sample_ode
+from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.models.flux import FluxConfig, FluxTransformer, layers
+from spatial_jax.models.flux import params as flux_params
+
+TIMESTEP_SAMPLING = ("logit_normal", "uniform")
+TRAINABLE = ("all", "lora")
+GENERATOR_FILE = "generator.json"
+_TOKENS = ("act_batch", None, None)
+
+
+# --- The objective -------------------------------------------------------------------------------
+
+
+def sample_timesteps(key: jax.Array, batch: int, config: Any, image_seq_len: int) -> jax.Array:
+  """(batch,) fp32 flow times t in [0, 1] (1 = pure noise) by `config.train`'s scheme."""
+  t = config.train
+  if t.timestep_sampling == "logit_normal":
+    u = jax.nn.sigmoid(t.logit_mean + t.logit_std * jax.random.normal(key, (batch,), jnp.float32))
+  elif t.timestep_sampling == "uniform":
+    u = jax.random.uniform(key, (batch,), jnp.float32)
+  else:
+    raise ValueError(
+      f"config.train.timestep_sampling={t.timestep_sampling!r}; use one of {TIMESTEP_SAMPLING}."
+    )
+  if t.resolution_shift:
+    # The sampler's sigma shift e^mu / (e^mu + (1/t - 1)), so training sees the sigmas it samples.
+    shift = np.exp(FlowMatchSchedule().mu(image_seq_len))
+    u = shift * u / (1 + (shift - 1) * u)
+  return u
+
+
+def flow_matching_loss(
+  velocity: Callable[[jax.Array, jax.Array], jax.Array],
+  x0: jax.Array,
+  noise: jax.Array,
+  t: jax.Array,
+) -> jax.Array:
+  """mean((velocity(x_t, t) - (noise - x0))^2) with x_t = (1 - t) x0 + t noise, in fp32.
+
+  x0 and noise are packed latents (B, N, C); t is (B,).
+  """
+  x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+  tt = t.astype(jnp.float32)[:, None, None]
+  x_t = (1 - tt) * x0 + tt * noise
+  predicted = velocity(x_t, t).astype(jnp.float32)
+  return jnp.mean(jnp.square(predicted - (noise - x0)))
+
+
+def velocity_fn(
+  model: FluxTransformer,
+  prompt_embeds: jax.Array,
+  pooled: jax.Array,
+  img_ids: np.ndarray,
+  txt_ids: np.ndarray,
+  guidance: float,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """v(x, t) of the transformer for one batch of prompts (guidance only where the model has it)."""
+  g = jnp.float32(guidance) if model.config.guidance_embeds else None
+
+  def velocity(x: jax.Array, t: jax.Array) -> jax.Array:
+    return model(x, prompt_embeds, pooled, t, img_ids, txt_ids, guidance=g)
+
+  return velocity
+
+
+def images_to_unit(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1], the codec's (and the VAE's) input range."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """The latent grid of one image size, and the constant position ids."""
+
+  image_size: tuple[int, int]
+  latent_hw: tuple[int, int]
+  img_ids: np.ndarray
+  txt_ids: np.ndarray
+
+  @property
+  def image_seq_len(self) -> int:
+    return len(self.img_ids)
+
+
+def geometry(image_size: int, codec: synthetic.PixelCodec, text_length: int) -> Geometry:
+  h = w = int(image_size)
+  f = codec.vae_scale_factor
+  if h % (2 * f):
+    raise ValueError(
+      f"config.data.image_size={image_size} must be a multiple of 2 * codec scale factor ({2 * f}):"
+      " latents are packed in 2x2 patches."
+    )
+  lh, lw = latent_size(h, w, f)
+  return Geometry((h, w), (lh, lw), image_ids(lh // 2, lw // 2), text_ids(text_length))
+
+
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  config: Any,
+  codec: synthetic.PixelCodec,
+  geo: Geometry,
+):
+  """The pure step: (trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, aux).
+
+  `batch` holds `images` (B, H, W, 3) uint8, `prompt_embeds` (B, T, D) and `pooled` (B, P).
+  `aux["finite"]` says whether the loss, the gradients and the updated parameters are finite.
+  """
+
+  def train_step(trainable, opt_state, frozen, batch, key):
+    t_key, noise_key = jax.random.split(key)
+    x0 = pack(codec.scale_latents(codec.encode(images_to_unit(batch["images"])).mode()))
+    x0 = sharding.shard(x0, _TOKENS)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    t = sample_timesteps(t_key, x0.shape[0], config, geo.image_seq_len)
+
+    def objective(trainable):
+      model = nnx.merge(graphdef, trainable, frozen)
+      velocity = velocity_fn(
+        model,
+        batch["prompt_embeds"],
+        batch["pooled"],
+        geo.img_ids,
+        geo.txt_ids,
+        config.train.guidance,
+      )
+      return flow_matching_loss(velocity, x0, noise, t)
+
+    loss, grads = jax.value_and_grad(objective)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    aux = dict(loss=loss, grad_norm=optax.tree.norm(grads), t_mean=jnp.mean(t))
+    aux["finite"] = (
+      jnp.isfinite(loss) & jnp.isfinite(aux["grad_norm"]) & jnp.isfinite(optax.tree.norm(trainable))
+    )
+    return trainable, opt_state, aux
+
+  return train_step
+
+
+def make_sampler(
+  graphdef: nnx.GraphDef,
+  codec: synthetic.PixelCodec,
+  geo: Geometry,
+  *,
+  num_steps: int,
+  guidance: float,
+  schedule: FlowMatchSchedule | None = None,
+):
+  """(trainable, frozen, prompt_embeds, pooled, noise) -> images (B, H, W, 3) float in [0, 1].
+
+  The Euler ODE from the packed `noise` (B, N, C) at sigma 1 to 0 on the FLUX schedule's sigmas.
+  """
+  sigmas = (schedule or FlowMatchSchedule()).sigmas(num_steps, geo.image_seq_len)
+
+  def sample(trainable, frozen, prompt_embeds, pooled, noise):
+    model = nnx.merge(graphdef, trainable, frozen)
+    velocity = velocity_fn(model, prompt_embeds, pooled, geo.img_ids, geo.txt_ids, guidance)
+    latents = unpack(sample_ode(velocity, noise, sigmas), *geo.latent_hw)
+    images = codec.decode(codec.unscale_latents(latents.astype(jnp.float32)))
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+  return sample
+
+
+# --- Building -------------------------------------------------------------------------------------
+
+
+class ParamsEMAState(NamedTuple):
+  """The exponential moving average of the parameters, kept in the optimizer state (so it is
+  checkpointed and restored with it)."""
+
+  count: jax.Array
+  ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Tracks an EMA of the parameters after each update; passes the updates through unchanged.
+
+  Sampling from the EMA is the usual way to get clean samples from a diffusion model whose
+  weights still move with every noisy step. The decay ramps up as min(decay, (1 + n) / (10 + n))
+  over the n-th update, so a short run is not dominated by the initial weights.
+  """
+
+  def init(params):
+    return ParamsEMAState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError("params_ema needs the parameters: tx.update(grads, state, params).")
+    count = state.count + 1
+    d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+    new_params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), state.ema, new_params)
+    return updates, ParamsEMAState(count, ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+  """The EMA parameters held in an optimizer state built by `make_optimizer`, or None."""
+  is_ema = lambda x: isinstance(x, ParamsEMAState)  # noqa: E731
+  states = [x for x in jax.tree.leaves(opt_state, is_leaf=is_ema) if is_ema(x)]
+  return states[0].ema if states else None
+
+
+def make_optimizer(config: Any) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, accumulation, and (with
+  `train.ema_decay` > 0) an EMA of the parameters."""
+  t = config.train
+  k = max(
+    1, t.grad_accum_steps
+  )  # `steps`/`warmup_steps` count micro-batches, the schedule updates.
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=t.lr,
+    warmup_steps=t.warmup_steps // k,
+    decay_steps=max(t.steps // k, t.warmup_steps // k + 1),
+    end_value=t.lr * t.end_lr_fraction,
+  )
+  parts = [
+    optax.clip_by_global_norm(t.grad_clip),
+    optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=t.weight_decay),
+  ]
+  if t.ema_decay > 0:
+    parts.append(params_ema(t.ema_decay))
+  tx = optax.chain(*parts)
+  if t.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
+  return tx
+
+
+def build_codec(config: Any) -> synthetic.PixelCodec:
+  c = config.codec
+  return synthetic.PixelCodec(
+    synthetic.PixelCodecConfig(
+      downsample_factor=c.scale_factor, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor
+    )
+  )
+
+
+def build_prompt_encoder(config: Any) -> synthetic.PromptEncoder:
+  t = config.text
+  return synthetic.build_prompt_encoder(
+    seed=t.seed, max_length=t.max_length, t5=dict(t.t5), clip=dict(t.clip)
+  )
+
+
+def flux_config(config: Any, codec: synthetic.PixelCodec, encoder: synthetic.PromptEncoder):
+  """The FluxConfig of a new model: `config.model.flux` with the widths the codec and the
+  encoders dictate."""
+  m = config.model
+  fields = dict(m.flux)
+  fields["axes_dims_rope"] = tuple(fields.get("axes_dims_rope", FluxConfig.axes_dims_rope))
+  return FluxConfig(
+    **fields,
+    in_channels=4 * codec.latent_channels,
+    joint_attention_dim=encoder.joint_attention_dim,
+    pooled_projection_dim=encoder.pooled_projection_dim,
+    **_runtime(config),
+  )
+
+
+def _runtime(config: Any) -> dict[str, Any]:
+  m = config.model
+  return dict(
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    remat=m.remat,
+    attention_impl=m.attention_impl or None,
+    scan_layers=m.scan_layers,
+  )
+
+
+def adaln_zero(model: FluxTransformer) -> None:
+  """DiT's adaLN-Zero initialisation for a model trained from scratch: every modulation layer
+  (shifts, scales and the residual gates) and the output projection start at zero, so each
+  block starts as the identity and the velocity as 0. DiT (Peebles & Xie, 2023) found it trains
+  markedly faster than the default initialisation."""
+  kinds = (layers.AdaLayerNormZero, layers.AdaLayerNormZeroSingle, layers.AdaLayerNormContinuous)
+  modules = [m.linear for _, m in nnx.iter_modules(model) if isinstance(m, kinds)]
+  for module in [*modules, model.proj_out]:
+    for param in (module.kernel, module.bias):
+      param[...] = jnp.zeros_like(param[...])
+
+
+def build_model(config: Any, codec, encoder, mesh, rules) -> FluxTransformer:
+  """The transformer (new, or read from `config.model.transformer`), with LoRA when configured,
+  every parameter placed on the mesh as its logical names say."""
+  m = config.model
+  if m.trainable not in TRAINABLE:
+    raise ValueError(f"config.model.trainable={m.trainable!r}; use one of {TRAINABLE}.")
+
+  def add_lora(model: FluxTransformer) -> FluxTransformer:
+    if m.trainable == "lora":
+      lora.apply_lora(
+        model,
+        rank=m.lora_rank,
+        alpha=m.lora_alpha,
+        targets=list(m.lora_targets) or list(flux_params.lora_targets(m.lora_single_mlp)),
+        rngs=nnx.Rngs(config.seed + 1),
+      )
+    return model
+
+  def new_model() -> FluxTransformer:
+    model = FluxTransformer(flux_config(config, codec, encoder), rngs=nnx.Rngs(config.seed))
+    if m.zero_init:
+      adaln_zero(model)
+    return add_lora(model)
+
+  if m.transformer:
+    model = FluxTransformer.from_pretrained(
+      m.transformer, mesh=mesh, sharding_rules=config.sharding_rules, **_runtime(config)
+    )
+    with sharding.use_mesh(mesh, rules):
+      model = add_lora(model)
+  else:
+    model = sharding.create_sharded(new_model, mesh, rules)
+  fc = model.config
+  wanted = dict(
+    in_channels=4 * codec.latent_channels,
+    joint_attention_dim=encoder.joint_attention_dim,
+    pooled_projection_dim=encoder.pooled_projection_dim,
+  )
+  if differ := {k: (getattr(fc, k), v) for k, v in wanted.items() if getattr(fc, k) != v}:
+    raise ValueError(
+      f"The transformer ({m.transformer or 'config.model.flux'}) does not fit the codec and text "
+      f"encoders (transformer -> needed): {differ}. Change config.codec / config.text."
+    )
+  return model
+
+
+def batch_shard_count(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> int:
+  """How many ways the batch dimension is split (`act_batch`'s mesh axes)."""
+  spec = sharding.logical_to_spec(("act_batch",), rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def trainable_filter(trainable: str):
+  return nnx.LoRAParam if trainable == "lora" else nnx.Param
+
+
+def ensure_pairs(config: Any, workdir: str) -> str:
+  """`config.data.pairs`, or (when empty) synthetic pairs built once into `<workdir>/pairs`."""
+  if config.data.pairs:
+    return config.data.pairs
+  import ml_collections
+
+  from spatial_jax.data import synthetic_job
+
+  folder = os.path.join(workdir, "pairs")
+  data_config = ml_collections.ConfigDict(dict(config.data.synthetic))
+  data_config.seed = config.seed
+  synthetic_job.run(data_config, folder)
+  return folder
+
+
+# --- Galleries ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryPrompts:
+  prompts: list[str]
+  references: np.ndarray  # (n, H, W, 3) uint8: the pairs' chosen renders of the prompts.
+
+
+def load_gallery_prompts(pairs_dir: str, config: Any) -> GalleryPrompts:
+  n = config.gallery.num_prompts
+  records = pairs_lib.read_pairs(pairs_dir, split=config.data.eval_split)[:n]
+  if n and not records:
+    raise ValueError(
+      f"{pairs_dir}: no {config.data.eval_split!r} pairs for the gallery "
+      "(config.data.eval_split); set config.gallery.num_prompts=0 to skip galleries."
+    )
+  size = pairs_lib.image_size_hw(config.data.image_size)
+  refs = [
+    pairs_lib.resize_rgb(pairs_lib.load_rgb(os.path.join(pairs_dir, r.chosen)), size)
+    for r in records
+  ]
+  return GalleryPrompts([r.prompt for r in records], np.stack(refs) if refs else np.zeros(0))
+
+
+def oracle_scores(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+  """The oracle's mean verdict on generated images: relations satisfied, objects found."""
+  results = [
+    oracle.score_prompt(image, prompt) for image, prompt in zip(images, prompts, strict=True)
+  ]
+  return dict(
+    relations=float(np.mean([r.fraction for r in results])),
+    objects=float(np.mean([np.mean(r.found) for r in results])),
+  )
+
+
+def gallery_grid(samples: np.ndarray, references: np.ndarray, ncols: int) -> np.ndarray:
+  """Rows of `ncols` samples, each followed by the row of their reference renders."""
+  ncols = max(1, min(ncols, len(samples)))
+  rows = []
+  for start in range(0, len(samples), ncols):
+    for group in (samples[start : start + ncols], references[start : start + ncols]):
+      pad = np.zeros((ncols - len(group), *group.shape[1:]), group.dtype)
+      rows.append(np.concatenate([group, pad]))
+  return np.concatenate(rows)
+
+
+# --- Export ---------------------------------------------------------------------------------------
+
+
+def export_generator(
+  directory: str,
+  model: FluxTransformer,
+  encoder: synthetic.PromptEncoder,
+  config: Any,
+  *,
+  step: int,
+) -> str:
+  """Writes the generator into `directory` (see the module docstring); returns it.
+
+  With LoRA, the adapter is written first, then merged into the transformer (in place: call
+  this last).
+  """
+  if lora.lora_layers(model):
+    flux_params.export_lora(model, os.path.join(directory, "lora"))
+    lora.merge(model)
+  flux_params.save_pretrained(model, os.path.join(directory, "transformer"))
+  if jax.process_index() != 0:
+    return directory
+  synthetic.save_text_encoders(encoder, os.path.join(directory, "text_encoders"))
+  info = dict(
+    transformer="transformer",
+    text_encoders="text_encoders",
+    lora="lora" if config.model.trainable == "lora" else None,
+    codec=dict(config.codec),
+    image_size=config.data.image_size,
+    sampling=dict(num_steps=config.gallery.num_steps, guidance=config.gallery.guidance),
+    step=int(step),
+    trained_from=config.model.transformer or "scratch",
+  )
+  fileio.write_atomic(os.path.join(directory, GENERATOR_FILE), metrics.to_json(info).encode())
+  logging.info("Wrote the generator (step %d) to %s", step, directory)
+  return directory
+
+
+@dataclasses.dataclass
+class Generator:
+  """An exported generator: the transformer, the codec, the prompt encoder and its settings."""
+
+  transformer: FluxTransformer
+  codec: synthetic.PixelCodec
+  prompt_encoder: synthetic.PromptEncoder
+  info: dict[str, Any]
+
+  @property
+  def image_size(self) -> int:
+    return int(self.info["image_size"])
+
+
+def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> Generator:
+  """Reads what `export_generator` wrote (e.g. `<workdir>/final`); `transformer_kwargs` go to
+  `FluxTransformer.from_pretrained` (dtype, mesh, sharding_rules, scan_layers, ...)."""
+  directory = os.fspath(directory)
+  path = os.path.join(directory, GENERATOR_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {GENERATOR_FILE} in {directory!r}: not an exported generator.")
+  with open(path) as f:
+    info = json.load(f)
+  c = info["codec"]
+  codec = synthetic.PixelCodec(
+    synthetic.PixelCodecConfig(
+      downsample_factor=c["scale_factor"],
+      scaling_factor=c["scaling_factor"],
+      shift_factor=c["shift_factor"],
+    )
+  )
+  transformer = FluxTransformer.from_pretrained(
+    os.path.join(directory, info["transformer"]), **transformer_kwargs
+  )
+  encoder = synthetic.load_text_encoders(os.path.join(directory, info["text_encoders"]))
+  return Generator(transformer, codec, encoder, info)
+
+
+# --- The job --------------------------------------------------------------------------------------
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """Trains, writes galleries and checkpoints, exports `final/`; returns the summary."""
+  # -- Mesh ----------------------------------------------------------------------------------
+  if jax.process_count() > 1:
+    # Each process would feed its own slice (make_array_from_process_local_data) and encode its
+    # own prompts; until that is written and tested, refuse clearly.
+    raise NotImplementedError("flux_sft runs in one process (any number of local devices).")
+  os.makedirs(workdir, exist_ok=True)  # main.py writes config.json; Colab and tests call run().
+  metrics.write_config_json(workdir, config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.resolve_rules(config.sharding_rules)
+  if config.train.timestep_sampling not in TIMESTEP_SAMPLING:
+    raise ValueError(
+      f"config.train.timestep_sampling={config.train.timestep_sampling!r}; use one of "
+      f"{TIMESTEP_SAMPLING}."
+    )
+  batch_shards = batch_shard_count(mesh, rules)
+  if config.train.batch_size % batch_shards:
+    raise ValueError(
+      f"config.train.batch_size={config.train.batch_size} must be a multiple of the {batch_shards} "
+      "shards of the batch axis (act_batch over the mesh)."
+    )
+
+  # -- Frozen components and the model -------------------------------------------------------
+  codec = build_codec(config)
+  encoder = build_prompt_encoder(config)
+  geo = geometry(config.data.image_size, codec, config.text.max_length)
+  model = build_model(config, codec, encoder, mesh, rules)
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.model.trainable), ...)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  logging.info(
+    "FLUX %s: trainable %.3fM, frozen %.3fM parameters; %d image tokens of %d features",
+    config.model.trainable,
+    count(trainable) / 1e6,
+    count(frozen) / 1e6,
+    geo.image_seq_len,
+    model.config.in_channels,
+  )
+  trainable_sh = sharding.state_shardings(trainable, mesh, rules)
+
+  # -- Data ----------------------------------------------------------------------------------
+  pairs_dir = ensure_pairs(config, workdir)
+  train_iter = pair_loader.make_pairs_loader(
+    pairs_dir,
+    split=config.data.train_split,
+    batch_size=config.train.batch_size,
+    image_size=config.data.image_size,
+    seed=config.seed,
+  )
+  gallery = load_gallery_prompts(pairs_dir, config)
+
+  def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    prompt_embeds, pooled = encoder(list(batch["prompt"]))
+    arrays = dict(images=batch["chosen"], prompt_embeds=prompt_embeds, pooled=pooled)
+    return {
+      k: jax.device_put(v, sharding.data_sharding(mesh, rules, np.ndim(v)))
+      for k, v in arrays.items()
+    }
+
+  # -- Optimizer, step and sampler -----------------------------------------------------------
+  tx = make_optimizer(config)
+  with sharding.use_mesh(mesh, rules):
+    opt_state = jax.jit(tx.init)(trainable)
+  p_step = jax.jit(
+    make_train_step(graphdef, tx, config, codec, geo),
+    donate_argnums=(0, 1),
+    out_shardings=(trainable_sh, None, None),
+  )
+  p_sample = jax.jit(
+    make_sampler(
+      graphdef, codec, geo, num_steps=config.gallery.num_steps, guidance=config.gallery.guidance
+    )
+  )
+
+  # -- Checkpoint restore --------------------------------------------------------------------
+  # Replicated on the mesh, so that a restored key (placed like its target) meets the mesh's
+  # arrays in `fold_in` under the mesh.
+  rng = jax.device_put(jax.random.key(config.seed), sharding.named_sharding(mesh, (), rules))
+  ckpt = checkpoint.Checkpointer(
+    workdir,
+    max_to_keep=config.train.keep_checkpoints,
+    save_interval_steps=config.train.checkpoint_every,
+    metadata={checkpoint.BASE_MODEL_KEY: config.model.transformer or "synthetic:flux_sft"},
+  )
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(params=trainable, opt_state=opt_state, data_iter=train_iter, rng=rng)
+    trainable, opt_state, rng = restored.params, restored.opt_state, restored.rng
+    start_step = restored.step
+    logging.info("Resumed from step %d", start_step)
+
+  # -- Gallery -------------------------------------------------------------------------------
+  writer = metrics.create_writer(workdir)
+  gallery_noise = None
+  if gallery.prompts:
+    shape = (len(gallery.prompts), geo.image_seq_len, model.config.in_channels)
+    gallery_noise = jax.random.normal(jax.random.key(config.gallery.seed), shape, jnp.float32)
+    gallery_embeds = encoder(gallery.prompts)
+
+  def sampling_params():
+    """The weights galleries and the export use: the EMA when one is kept."""
+    ema = ema_params(opt_state)
+    return trainable if ema is None else ema
+
+  def write_gallery(step: int) -> dict[str, float]:
+    if gallery_noise is None:
+      return {}
+    with sharding.use_mesh(mesh, rules):
+      samples = p_sample(sampling_params(), frozen, *gallery_embeds, gallery_noise)
+    samples = np.round(np.asarray(jax.device_get(samples)) * 255).astype(np.uint8)
+    scores = oracle_scores(samples, gallery.prompts)
+    metrics.write_images(
+      writer,
+      step,
+      "gallery",
+      gallery_grid(samples, gallery.references, config.gallery.ncols),
+      png_path=os.path.join(workdir, "gallery", f"step_{step:06d}.png"),
+      ncols=max(1, min(config.gallery.ncols, len(samples))),
+    )
+    scalars = {f"gallery/oracle_{k}": v for k, v in scores.items()}
+    writer.write_scalars(step, scalars)
+    logging.info("step %d: gallery oracle %s", step, scores)
+    return scalars
+
+  # -- Train loop ----------------------------------------------------------------------------
+  from spatial_jax.reward.evaluate import History  # The same history.json as reward_train.
+
+  progress = metrics.Progress(
+    config.train.steps,
+    every_secs=config.log_every_secs,
+    name="train",
+    writer=writer,
+    start_step=start_step,
+  )
+  history = History.load(workdir)
+  start_time = time.time()
+  step = start_step
+  last_gallery: dict[str, float] = {}
+  try:
+    with sharding.use_mesh(mesh, rules):
+      for step in range(start_step + 1, config.train.steps + 1):
+        batch = device_batch(next(train_iter))
+        key = jax.random.fold_in(rng, step)
+        trainable, opt_state, aux = p_step(trainable, opt_state, frozen, batch, key)
+        log_now = step % config.log_every_steps == 0 or step == config.train.steps
+        if log_now or step % config.train.checkpoint_every == 0:
+          aux = jax.device_get(aux)
+          if not aux.pop("finite"):
+            ckpt.wait_until_finished()
+            raise FloatingPointError(
+              f"Non-finite flow-matching training at step {step}: loss {aux['loss']}, grad "
+              f"norm {aux['grad_norm']} (checked every {config.log_every_steps} steps and before "
+              f"each save); the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}. Lower config.train.lr or check the data."
+            )
+        if log_now:
+          scalars = {f"train/{k}": float(v) for k, v in aux.items()}
+          writer.write_scalars(step, scalars)
+          history.add(step, scalars)
+        progress(step)
+        every = config.gallery.every_steps
+        if (every and step % every == 0) or step == config.train.steps:
+          last_gallery = write_gallery(step)
+          history.add(step, last_gallery)
+        ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter, rng=rng)
+        history.save(workdir)
+    ckpt.save(
+      step, params=trainable, opt_state=opt_state, data_iter=train_iter, rng=rng, force=True
+    )
+  finally:
+    # Also on an error: flush the last scalars and finish any in-flight save.
+    ckpt.close()
+    writer.flush()
+
+  # -- Export and report ---------------------------------------------------------------------
+  if start_step >= config.train.steps and not last_gallery:
+    last_gallery = write_gallery(step)  # Rerun of a finished run: still report its samples.
+  final_dir = export_generator(
+    os.path.join(workdir, "final"),
+    nnx.merge(graphdef, sampling_params(), frozen),
+    encoder,
+    config,
+    step=step,
+  )
+  summary = dict(
+    step=step,
+    train_seconds=round(time.time() - start_time, 1),
+    final_loss=history.rows["train/loss"][-1][1] if history.rows.get("train/loss") else None,
+    gallery=last_gallery,
+    final=final_dir,
+  )
+  history.save(workdir)
+  metrics.write_summary(workdir, summary)
+  logging.info("Final: %s", summary)
+  return summary

@@ -1,0 +1,243 @@
+"""The flux_sft job: the objective, a smoke run through main, exact resume, the NaN guard."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+from absl import flags
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+
+from spatial_jax import checkpoint, lora, main, sharding
+from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import sft_job
+from spatial_jax.diffusion.pipeline import FluxPipeline
+from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.models.flux import FluxTransformer
+from spatial_jax.models.flux import params as flux_params
+
+CONFIG = "configs/flux_sft_synthetic.py"
+
+
+def _config(**train):
+  config = load_config(CONFIG, "smoke")
+  config.train.update(train)
+  return config
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "history.json")) as f:
+    return dict(json.load(f)["train/loss"])
+
+
+def test_loss_matches_a_numpy_reference_on_a_toy_velocity():
+  rng = np.random.default_rng(0)
+  x0, noise = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  t = np.array([0.25, 0.9, 0.5], np.float32)
+  w = rng.normal(size=(4, 4)).astype(np.float32)
+
+  def velocity(x, s):  # Any function of (x_t, t) will do; this one uses both.
+    return x @ w + 2.0 * s[:, None, None]
+
+  x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+  expected = np.mean((x_t @ w + 2.0 * t[:, None, None] - (noise - x0)) ** 2)
+  loss = sft_job.flow_matching_loss(velocity, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  # The exact velocity of the straight path has zero loss.
+  exact = sft_job.flow_matching_loss(lambda x, s: noise - x0, x0, noise, t)
+  assert float(exact) == 0.0
+
+
+def test_params_ema_ramps_its_decay():
+  tx = sft_job.params_ema(0.9)
+  params = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  expected = np.array([1.0, -2.0])
+  for n, delta in enumerate(([0.5, 0.5], [-1.0, 2.0], [0.25, 0.0]), start=1):
+    updates = {"w": jnp.array(delta)}
+    out, state = tx.update(updates, state, params)
+    params = optax.apply_updates(params, out)
+    d = min(0.9, (1 + n) / (10 + n))
+    expected = d * expected + (1 - d) * np.asarray(params["w"])
+    np.testing.assert_array_equal(out["w"], delta)  # Updates pass through.
+    np.testing.assert_allclose(sft_job.ema_params((None, state))["w"], expected, rtol=1e-6)
+  assert sft_job.ema_params(optax.sgd(0.1).init(params)) is None
+
+
+def test_timestep_sampling_schemes():
+  config = _config(resolution_shift=False, logit_mean=0.5, logit_std=0.8)
+  key = jax.random.key(3)
+  t = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  logits = np.log(t / (1 - t))
+  assert abs(logits.mean() - 0.5) < 0.02 and abs(logits.std() - 0.8) < 0.02
+  config.train.resolution_shift = True
+  shifted = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  s = np.exp(FlowMatchSchedule().mu(64))  # The sampler's shift for 64 image tokens.
+  np.testing.assert_allclose(shifted, s * t / (1 + (s - 1) * t), rtol=1e-5)
+  config.train.update(timestep_sampling="uniform", resolution_shift=False)
+  u = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  assert 0 <= u.min() and u.max() <= 1 and abs(u.mean() - 0.5) < 0.01
+  config.train.timestep_sampling = "cosine"
+  with pytest.raises(ValueError, match="timestep_sampling='cosine'"):
+    sft_job.sample_timesteps(key, 4, config, 64)
+
+
+def _run_main(*args):
+  """`python -m spatial_jax.main ARGS`, in this process (the same 8 fake devices as run())."""
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["spatial_jax.main", *args])
+  try:
+    main.main(["spatial_jax.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent XLA cache for this module: the runs after the first compile the same
+  programs (the step, the sampler, the initialisers), and read them back instead (~10 s each)."""
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  before = {name: getattr(jax.config, name) for name in names}
+  values = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
+  for name, value in zip(names, values, strict=True):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # The cache is set up once per process; start it anew.
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("flux_sft"))
+  _run_main(f"--config={CONFIG}:smoke", f"--workdir={workdir}")
+  return workdir
+
+
+def test_smoke_run_writes_checkpoints_metrics_gallery_and_a_loadable_generator(smoke):
+  config = _config()
+  assert json.loads(open(os.path.join(smoke, "config.json")).read())["job"] == "flux_sft"
+  assert checkpoint.Checkpointer(smoke).all_steps() == [2, 4]
+  losses = _losses(smoke)
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(smoke))
+  summary = json.loads(open(os.path.join(smoke, "summary.json")).read())
+  assert summary["step"] == 4 and 0 <= summary["gallery"]["gallery/oracle_relations"] <= 1
+  # Four samples above their four reference renders, 32x32 tiles with 2-pixel padding.
+  gallery = np.asarray(Image.open(os.path.join(smoke, "gallery", "step_000004.png")))
+  assert gallery.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
+
+  # The export is a diffusers folder of the trained weights: the EMA of the last checkpoint,
+  # which galleries use too.
+  final = os.path.join(smoke, "final")
+  generator = sft_job.load_generator(final)
+  assert generator.image_size == 32 and generator.info["step"] == 4
+  graphdef, params, rest = nnx.split(generator.transformer, nnx.Param, ...)
+  opt_target = sft_job.make_optimizer(config).init(params)
+  restored = checkpoint.Checkpointer(smoke).restore(params=params, opt_state=opt_target)
+  ema = sft_job.ema_params(restored.opt_state)
+  exported, averaged, raw = (_flat(tree) for tree in (params, ema, restored.params))
+  assert exported.keys() == averaged.keys() == raw.keys()
+  for name, value in exported.items():
+    np.testing.assert_array_equal(value, averaged[name], err_msg=name)
+  assert any(np.abs(raw[k] - averaged[k]).max() > 1e-6 for k in raw)  # Not the raw weights.
+
+  # The exported components plug into FluxPipeline, which then draws what the gallery sampler
+  # draws from the same noise.
+  pipe = FluxPipeline(
+    generator.transformer,
+    generator.codec,
+    schedule=FlowMatchSchedule(),
+    **generator.prompt_encoder.pipeline_components(),
+  )
+  prompts = ["a red circle above a blue star", "a green square"]
+  x = jax.random.normal(jax.random.key(0), (2, 64, 48))
+  images = pipe(prompts, height=32, width=32, num_inference_steps=3, latents=x)
+  geo = sft_job.geometry(32, generator.codec, config.text.max_length)
+  sample = sft_job.make_sampler(graphdef, generator.codec, geo, num_steps=3, guidance=1.0)
+  expected = jax.jit(sample)(params, rest, *generator.prompt_encoder(prompts), x)
+  assert images.shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(images, expected, atol=1e-6)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
+  # A run stopped after step 2 leaves what the uninterrupted run saved at step 2 (model,
+  # optimizer, data iterator, rng): resuming from a copy of it must retrace steps 3 and 4.
+  shutil.copytree(os.path.join(smoke, "checkpoints", "2"), tmp_path / "checkpoints" / "2")
+  config = _config()
+  config.data.pairs = os.path.join(smoke, "pairs")  # The smoke run's data: the same batches.
+  config.gallery.num_prompts = 0
+  summary = sft_job.run(config, str(tmp_path))
+  full, resumed = _losses(smoke), _losses(str(tmp_path))
+  assert summary["step"] == 4 and sorted(resumed) == [3, 4]
+  for step in (3, 4):
+    np.testing.assert_allclose(resumed[step], full[step], rtol=1e-6)
+  assert full[4] != full[3]
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [2, 4]
+
+
+def test_diffusers_export_round_trips_across_layer_layouts(smoke, tmp_path):
+  # The smoke export (scanned) read as a looped model and written again: the same file.
+  exported = os.path.join(smoke, "final", "transformer")
+  looped = FluxTransformer.from_pretrained(exported, scan_layers=False)
+  flux_params.save_pretrained(looped, tmp_path)
+  saved = safetensors.numpy.load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+  original = safetensors.numpy.load_file(
+    os.path.join(exported, "diffusion_pytorch_model.safetensors")
+  )
+  assert saved.keys() == original.keys() and "transformer_blocks.0.attn.to_q.weight" in saved
+  for key, value in original.items():
+    np.testing.assert_array_equal(saved[key], value, err_msg=key)
+  np.testing.assert_array_equal(  # torch's (out, in) layout
+    saved["proj_out.weight"], np.asarray(looped.proj_out.kernel[...]).T
+  )
+  assert (tmp_path / "config.json").read_text() == open(
+    os.path.join(exported, "config.json")
+  ).read()
+  lora.apply_lora(looped, rank=2, alpha=2, targets=flux_params.lora_targets(), rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="lora.merge"):
+    flux_params.save_pretrained(looped, tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke, tmp_path):
+  # Warmup makes step 1's learning rate 0 (a good checkpoint); step 2's huge rate overflows.
+  config = _config(steps=4, lr=1e38, warmup_steps=2, checkpoint_every=1)
+  config.data.pairs = os.path.join(smoke, "pairs")
+  config.gallery.num_prompts = 0
+  with pytest.raises(FloatingPointError, match="step 2.*last good checkpoint is step 1"):
+    sft_job.run(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [1]
+  assert not os.path.exists(tmp_path / "final")
+  mesh = sharding.make_mesh(config.mesh)
+  codec, encoder = sft_job.build_codec(config), sft_job.build_prompt_encoder(config)
+  model = sft_job.build_model(config, codec, encoder, mesh, sharding.resolve_rules(None))
+  _, target, _ = nnx.split(model, nnx.Param, ...)
+  params = ckpt.restore(step=1, params=target).params
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+  config = _config(batch_size=6)  # 8 fake devices split the batch 8 ways.
+  with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the 8 shards"):
+    sft_job.run(config, str(tmp_path))
+  config = _config(timestep_sampling="cosine")
+  with pytest.raises(ValueError, match="timestep_sampling='cosine'"):
+    sft_job.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
