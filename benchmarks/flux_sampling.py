@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "diffusion"))
 import tiny_flux_pipeline as tiny  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/)
 
 from spatial_jax.diffusion import FluxPipeline  # noqa: E402
 
@@ -103,16 +103,6 @@ def small_pipeline(seed: int = 0) -> DiffusersFluxPipeline:
   )
 
 
-def _time(fn, repeats: int) -> float:
-  fn()  # Warm-up (compiles ours).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--size", type=int, default=256, help="image height and width")
@@ -147,8 +137,8 @@ def main():
       ).images
 
   diff = float(np.abs(run_ours() - run_diffusers()).max())
-  t_ours = _time(run_ours, args.repeats)
-  t_diffusers = _time(run_diffusers, args.repeats)
+  t_ours = median_time(run_ours, args.repeats)
+  t_diffusers = median_time(run_diffusers, args.repeats)
   result = dict(
     image=args.size,
     batch=len(PROMPTS),

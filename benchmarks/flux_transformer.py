@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from flax import nnx
+from timing import median_time
 
 from spatial_jax import lora
 from spatial_jax.models.flux import FluxConfig, FluxTransformer, params
@@ -42,16 +42,6 @@ SIZES = {
   "small": dict(num_layers=4, num_single_layers=8, num_attention_heads=3),
   "dev": dict(),  # FLUX.1-dev: 19 + 38 blocks, 24 heads x 128.
 }
-
-
-def _time(fn, repeats: int) -> float:
-  fn()  # Warm-up (compiles ours).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _inputs(config: FluxConfig, batch: int, grid: tuple[int, int], text: int, seed: int = 0):
@@ -157,10 +147,10 @@ def main():
 
   expected = torch_forward().float().cpu().numpy()
   diff = float(np.abs(np.asarray(ours_forward(), np.float32) - expected).max())
-  t_ours_f = _time(ours_forward, args.repeats)
-  t_torch_f = _time(torch_forward, args.repeats)
-  t_ours_b = _time(ours_backward, args.repeats)
-  t_torch_b = _time(torch_backward, args.repeats)
+  t_ours_f = median_time(ours_forward, args.repeats)
+  t_torch_f = median_time(torch_forward, args.repeats)
+  t_ours_b = median_time(ours_backward, args.repeats)
+  t_torch_b = median_time(torch_backward, args.repeats)
   result = dict(
     size=args.size,
     batch=args.batch,

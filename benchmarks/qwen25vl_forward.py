@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
+from timing import median_time
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from spatial_jax.models.qwen25vl import Qwen25VLModel, prepare_inputs
@@ -99,16 +99,6 @@ def _batch(config, batch: int, image: int, seed: int = 0):
   return ids, mask, pixels.astype(np.float32), np.array([grid] * batch, np.int64)
 
 
-def _time(fn, repeats: int) -> tuple[float, list[float]]:
-  fn()  # warm-up (compiles ours)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -161,9 +151,9 @@ def main():
     return jax.block_until_ready(forward(state, x))
 
   diff = float(np.abs(np.asarray(run_ours(), np.float32) - run_torch().float().cpu().numpy()).max())
-  t_ours, _ = _time(run_ours, args.repeats)
-  t_prep, _ = _time(run_ours_with_prep, args.repeats)
-  t_torch, _ = _time(run_torch, args.repeats)
+  t_ours = median_time(run_ours, args.repeats)
+  t_prep = median_time(run_ours_with_prep, args.repeats)
+  t_torch = median_time(run_torch, args.repeats)
   result = dict(
     size=args.size,
     batch=args.batch,

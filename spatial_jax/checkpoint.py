@@ -401,3 +401,22 @@ def _tree_mismatches(item: str, saved_tree: Any, target: Any) -> list[str]:
     + _listed(unexpected, "unexpected")
     + _listed(differ, "shape/dtype mismatches")
   )
+
+
+def check_finite(aux: dict[str, Any], step: int, ckpt: Checkpointer, what: str, every: int) -> None:
+  """Pops the train step's `aux["finite"]` (fetched to the host) and stops a run that is not.
+
+  Waits for pending saves first, so the error names a complete last good checkpoint, which is
+  left as it is.
+
+  Raises:
+    FloatingPointError: naming the step, the loss and gradient norm, and that checkpoint.
+  """
+  if aux.pop("finite"):
+    return
+  ckpt.wait_until_finished()
+  raise FloatingPointError(
+    f"Non-finite {what} at step {step}: loss {aux['loss']}, grad norm {aux['grad_norm']} "
+    f"(checked every {every} steps and before each save); the last good checkpoint is step "
+    f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.train.lr or check the data."
+  )

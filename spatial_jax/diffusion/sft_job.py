@@ -688,14 +688,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         log_now = step % config.log_every_steps == 0 or step == config.train.steps
         if log_now or step % config.train.checkpoint_every == 0:
           aux = jax.device_get(aux)
-          if not aux.pop("finite"):
-            ckpt.wait_until_finished()
-            raise FloatingPointError(
-              f"Non-finite flow-matching training at step {step}: loss {aux['loss']}, grad "
-              f"norm {aux['grad_norm']} (checked every {config.log_every_steps} steps and before "
-              f"each save); the last good checkpoint is step {ckpt.latest_step()} in "
-              f"{ckpt.directory}. Lower config.train.lr or check the data."
-            )
+          checkpoint.check_finite(aux, step, ckpt, "flow-matching training", config.log_every_steps)
         if log_now:
           scalars = {f"train/{k}": float(v) for k, v in aux.items()}
           writer.write_scalars(step, scalars)
