@@ -18,6 +18,8 @@ JOBS: dict[str, str] = {
   "reward_train": "spatial_jax.reward.train:run",
   "reward_eval": "spatial_jax.reward.evaluate_job:run",
   "flux_sft": "spatial_jax.diffusion.sft_job:run",
+  "grpo": "spatial_jax.rl.train:run",
+  "sample": "spatial_jax.diffusion.sample_job:run",
 }
 
 

@@ -37,10 +37,9 @@ At the end `<workdir>/final/` holds the generator, for GRPO and for `load_genera
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -50,20 +49,29 @@ import optax
 from absl import logging
 from flax import nnx
 
-from spatial_jax import checkpoint, fileio, lora, metrics, sharding
+from spatial_jax import checkpoint, lora, metrics, sharding
 from spatial_jax.data import loader as pair_loader
-from spatial_jax.data import oracle
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.diffusion import synthetic
-from spatial_jax.diffusion.latents import image_ids, latent_size, pack, text_ids, unpack
-from spatial_jax.diffusion.sampler import sample_ode
+from spatial_jax.diffusion.generator import (
+  Embeds,
+  Geometry,
+  export_generator,
+  gallery_grid,
+  geometry,
+  images_to_unit,
+  make_sampler,
+  oracle_scores,
+  unit_to_uint8,
+  velocity_fn,
+)
+from spatial_jax.diffusion.latents import pack
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
 from spatial_jax.models.flux import FluxConfig, FluxTransformer, layers
 from spatial_jax.models.flux import params as flux_params
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 TRAINABLE = ("all", "lora")
-GENERATOR_FILE = "generator.json"
 _TOKENS = ("act_batch", None, None)
 
 
@@ -105,80 +113,44 @@ def flow_matching_loss(
   return jnp.mean(jnp.square(predicted - (noise - x0)))
 
 
-def velocity_fn(
-  model: FluxTransformer,
-  prompt_embeds: jax.Array,
-  pooled: jax.Array,
-  img_ids: np.ndarray,
-  txt_ids: np.ndarray,
-  guidance: float,
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """v(x, t) of the transformer for one batch of prompts (guidance only where the model has it)."""
-  g = jnp.float32(guidance) if model.config.guidance_embeds else None
-
-  def velocity(x: jax.Array, t: jax.Array) -> jax.Array:
-    return model(x, prompt_embeds, pooled, t, img_ids, txt_ids, guidance=g)
-
-  return velocity
-
-
-def images_to_unit(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1], the codec's (and the VAE's) input range."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """The latent grid of one image size, and the constant position ids."""
-
-  image_size: tuple[int, int]
-  latent_hw: tuple[int, int]
-  img_ids: np.ndarray
-  txt_ids: np.ndarray
-
-  @property
-  def image_seq_len(self) -> int:
-    return len(self.img_ids)
-
-
-def geometry(image_size: int, codec: synthetic.PixelCodec, text_length: int) -> Geometry:
-  h = w = int(image_size)
-  f = codec.vae_scale_factor
-  if h % (2 * f):
-    raise ValueError(
-      f"config.data.image_size={image_size} must be a multiple of 2 * codec scale factor ({2 * f}):"
-      " latents are packed in 2x2 patches."
-    )
-  lh, lw = latent_size(h, w, f)
-  return Geometry((h, w), (lh, lw), image_ids(lh // 2, lw // 2), text_ids(text_length))
-
-
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   config: Any,
   codec: synthetic.PixelCodec,
   geo: Geometry,
+  negative: Embeds | None = None,
 ):
   """The pure step: (trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, aux).
 
   `batch` holds `images` (B, H, W, 3) uint8, `prompt_embeds` (B, T, D) and `pooled` (B, P).
-  `aux["finite"]` says whether the loss, the gradients and the updated parameters are finite.
+  With `train.prompt_dropout` = p > 0, each example's prompt is replaced by the empty prompt's
+  embeddings `negative` (batch 1) with probability p, which teaches the unconditional velocity
+  classifier-free guidance needs. `aux["finite"]` says whether the loss, the gradients and the
+  updated parameters are finite.
   """
+  dropout = float(config.train.prompt_dropout)
+  if dropout > 0 and negative is None:
+    raise ValueError("train.prompt_dropout > 0 needs the empty prompt's embeddings (negative).")
 
   def train_step(trainable, opt_state, frozen, batch, key):
-    t_key, noise_key = jax.random.split(key)
+    t_key, noise_key, drop_key = jax.random.split(key, 3)
     x0 = pack(codec.scale_latents(codec.encode(images_to_unit(batch["images"])).mode()))
     x0 = sharding.shard(x0, _TOKENS)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     t = sample_timesteps(t_key, x0.shape[0], config, geo.image_seq_len)
+    prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+    if dropout > 0:
+      drop = jax.random.bernoulli(drop_key, dropout, (x0.shape[0],))
+      prompt_embeds = jnp.where(drop[:, None, None], negative[0], prompt_embeds)
+      pooled = jnp.where(drop[:, None], negative[1], pooled)
 
     def objective(trainable):
       model = nnx.merge(graphdef, trainable, frozen)
       velocity = velocity_fn(
         model,
-        batch["prompt_embeds"],
-        batch["pooled"],
+        prompt_embeds,
+        pooled,
         geo.img_ids,
         geo.txt_ids,
         config.train.guidance,
@@ -195,31 +167,6 @@ def make_train_step(
     return trainable, opt_state, aux
 
   return train_step
-
-
-def make_sampler(
-  graphdef: nnx.GraphDef,
-  codec: synthetic.PixelCodec,
-  geo: Geometry,
-  *,
-  num_steps: int,
-  guidance: float,
-  schedule: FlowMatchSchedule | None = None,
-):
-  """(trainable, frozen, prompt_embeds, pooled, noise) -> images (B, H, W, 3) float in [0, 1].
-
-  The Euler ODE from the packed `noise` (B, N, C) at sigma 1 to 0 on the FLUX schedule's sigmas.
-  """
-  sigmas = (schedule or FlowMatchSchedule()).sigmas(num_steps, geo.image_seq_len)
-
-  def sample(trainable, frozen, prompt_embeds, pooled, noise):
-    model = nnx.merge(graphdef, trainable, frozen)
-    velocity = velocity_fn(model, prompt_embeds, pooled, geo.img_ids, geo.txt_ids, guidance)
-    latents = unpack(sample_ode(velocity, noise, sigmas), *geo.latent_hw)
-    images = codec.decode(codec.unscale_latents(latents.astype(jnp.float32)))
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-  return sample
 
 
 # --- Building -------------------------------------------------------------------------------------
@@ -440,102 +387,7 @@ def load_gallery_prompts(pairs_dir: str, config: Any) -> GalleryPrompts:
   return GalleryPrompts([r.prompt for r in records], np.stack(refs) if refs else np.zeros(0))
 
 
-def oracle_scores(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
-  """The oracle's mean verdict on generated images: relations satisfied, objects found."""
-  results = [
-    oracle.score_prompt(image, prompt) for image, prompt in zip(images, prompts, strict=True)
-  ]
-  return dict(
-    relations=float(np.mean([r.fraction for r in results])),
-    objects=float(np.mean([np.mean(r.found) for r in results])),
-  )
-
-
-def gallery_grid(samples: np.ndarray, references: np.ndarray, ncols: int) -> np.ndarray:
-  """Rows of `ncols` samples, each followed by the row of their reference renders."""
-  ncols = max(1, min(ncols, len(samples)))
-  rows = []
-  for start in range(0, len(samples), ncols):
-    for group in (samples[start : start + ncols], references[start : start + ncols]):
-      pad = np.zeros((ncols - len(group), *group.shape[1:]), group.dtype)
-      rows.append(np.concatenate([group, pad]))
-  return np.concatenate(rows)
-
-
 # --- Export ---------------------------------------------------------------------------------------
-
-
-def export_generator(
-  directory: str,
-  model: FluxTransformer,
-  encoder: synthetic.PromptEncoder,
-  config: Any,
-  *,
-  step: int,
-) -> str:
-  """Writes the generator into `directory` (see the module docstring); returns it.
-
-  With LoRA, the adapter is written first, then merged into the transformer (in place: call
-  this last).
-  """
-  if lora.lora_layers(model):
-    flux_params.export_lora(model, os.path.join(directory, "lora"))
-    lora.merge(model)
-  flux_params.save_pretrained(model, os.path.join(directory, "transformer"))
-  if jax.process_index() != 0:
-    return directory
-  synthetic.save_text_encoders(encoder, os.path.join(directory, "text_encoders"))
-  info = dict(
-    transformer="transformer",
-    text_encoders="text_encoders",
-    lora="lora" if config.model.trainable == "lora" else None,
-    codec=dict(config.codec),
-    image_size=config.data.image_size,
-    sampling=dict(num_steps=config.gallery.num_steps, guidance=config.gallery.guidance),
-    step=int(step),
-    trained_from=config.model.transformer or "scratch",
-  )
-  fileio.write_atomic(os.path.join(directory, GENERATOR_FILE), metrics.to_json(info).encode())
-  logging.info("Wrote the generator (step %d) to %s", step, directory)
-  return directory
-
-
-@dataclasses.dataclass
-class Generator:
-  """An exported generator: the transformer, the codec, the prompt encoder and its settings."""
-
-  transformer: FluxTransformer
-  codec: synthetic.PixelCodec
-  prompt_encoder: synthetic.PromptEncoder
-  info: dict[str, Any]
-
-  @property
-  def image_size(self) -> int:
-    return int(self.info["image_size"])
-
-
-def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> Generator:
-  """Reads what `export_generator` wrote (e.g. `<workdir>/final`); `transformer_kwargs` go to
-  `FluxTransformer.from_pretrained` (dtype, mesh, sharding_rules, scan_layers, ...)."""
-  directory = os.fspath(directory)
-  path = os.path.join(directory, GENERATOR_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No {GENERATOR_FILE} in {directory!r}: not an exported generator.")
-  with open(path) as f:
-    info = json.load(f)
-  c = info["codec"]
-  codec = synthetic.PixelCodec(
-    synthetic.PixelCodecConfig(
-      downsample_factor=c["scale_factor"],
-      scaling_factor=c["scaling_factor"],
-      shift_factor=c["shift_factor"],
-    )
-  )
-  transformer = FluxTransformer.from_pretrained(
-    os.path.join(directory, info["transformer"]), **transformer_kwargs
-  )
-  encoder = synthetic.load_text_encoders(os.path.join(directory, info["text_encoders"]))
-  return Generator(transformer, codec, encoder, info)
 
 
 # --- The job --------------------------------------------------------------------------------------
@@ -602,16 +454,22 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   # -- Optimizer, step and sampler -----------------------------------------------------------
   tx = make_optimizer(config)
+  negative = encoder([""])  # The empty prompt: prompt dropout's and CFG's unconditional branch.
   with sharding.use_mesh(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
   p_step = jax.jit(
-    make_train_step(graphdef, tx, config, codec, geo),
+    make_train_step(graphdef, tx, config, codec, geo, negative),
     donate_argnums=(0, 1),
     out_shardings=(trainable_sh, None, None),
   )
   p_sample = jax.jit(
     make_sampler(
-      graphdef, codec, geo, num_steps=config.gallery.num_steps, guidance=config.gallery.guidance
+      graphdef,
+      codec,
+      geo,
+      num_steps=config.gallery.num_steps,
+      guidance=config.gallery.guidance,
+      cfg_scale=config.gallery.cfg_scale,
     )
   )
 
@@ -649,8 +507,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if gallery_noise is None:
       return {}
     with sharding.use_mesh(mesh, rules):
-      samples = p_sample(sampling_params(), frozen, *gallery_embeds, gallery_noise)
-    samples = np.round(np.asarray(jax.device_get(samples)) * 255).astype(np.uint8)
+      samples = p_sample(sampling_params(), frozen, *gallery_embeds, gallery_noise, negative)
+    samples = unit_to_uint8(samples)
     scores = oracle_scores(samples, gallery.prompts)
     metrics.write_images(
       writer,
@@ -715,8 +573,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     os.path.join(workdir, "final"),
     nnx.merge(graphdef, sampling_params(), frozen),
     encoder,
-    config,
+    codec=dict(config.codec),
+    image_size=config.data.image_size,
+    sampling=dict(
+      num_steps=config.gallery.num_steps,
+      guidance=config.gallery.guidance,
+      cfg_scale=config.gallery.cfg_scale,
+    ),
     step=step,
+    trained_from=config.model.transformer or "scratch",
   )
   summary = dict(
     step=step,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from spatial_jax import checkpoint, lora, main, sharding
 from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import sft_job
 from spatial_jax.diffusion.pipeline import FluxPipeline
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
@@ -146,7 +147,7 @@ def test_smoke_run_writes_checkpoints_metrics_gallery_and_a_loadable_generator(s
   # The export is a diffusers folder of the trained weights: the EMA of the last checkpoint,
   # which galleries use too.
   final = os.path.join(smoke, "final")
-  generator = sft_job.load_generator(final)
+  generator = generator_lib.load_generator(final)
   assert generator.image_size == 32 and generator.info["step"] == 4
   graphdef, params, rest = nnx.split(generator.transformer, nnx.Param, ...)
   opt_target = sft_job.make_optimizer(config).init(params)
@@ -169,8 +170,8 @@ def test_smoke_run_writes_checkpoints_metrics_gallery_and_a_loadable_generator(s
   prompts = ["a red circle above a blue star", "a green square"]
   x = jax.random.normal(jax.random.key(0), (2, 64, 48))
   images = pipe(prompts, height=32, width=32, num_inference_steps=3, latents=x)
-  geo = sft_job.geometry(32, generator.codec, config.text.max_length)
-  sample = sft_job.make_sampler(graphdef, generator.codec, geo, num_steps=3, guidance=1.0)
+  geo = generator_lib.geometry(32, generator.codec, config.text.max_length)
+  sample = generator_lib.make_sampler(graphdef, generator.codec, geo, num_steps=3, guidance=1.0)
   expected = jax.jit(sample)(params, rest, *generator.prompt_encoder(prompts), x)
   assert images.shape == (2, 32, 32, 3)
   np.testing.assert_allclose(images, expected, atol=1e-6)

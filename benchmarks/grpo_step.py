@@ -1,0 +1,124 @@
+"""The training phase of one GRPO step with top-k filtering (G=24, k=6) vs without (k=None).
+
+The paper keeps the top-k and bottom-k rewards of each group of G: 2k = 12 of 24 trajectories are
+trained, which should halve the training phase (its forward + backward passes scale with the
+number of trained samples). One rollout of P prompts x 24 samples from the synthetic world's
+generator architecture (random weights: the timing does not depend on them) is scored, and the
+training phase (`rl.steps.make_train_step` on every trained timestep, one optimizer update per
+minibatch) runs on the kept 12 per group vs all 24, from the same rollout and the same state.
+Prints the median times and their ratio (k=6 / k=None; expected near 0.5).
+
+  python benchmarks/grpo_step.py            # CPU, fp32, from the repository root
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import median_time  # noqa: E402  (benchmarks/)
+
+from spatial_jax import sharding  # noqa: E402
+from spatial_jax.configs_lib import load_config  # noqa: E402
+from spatial_jax.diffusion.schedule import FlowMatchSchedule  # noqa: E402
+from spatial_jax.rl import advantages, policy, steps  # noqa: E402
+
+# The flux_sft_synthetic generator's architecture (configs/flux_sft_synthetic.py).
+GENERATOR = dict(
+  max_length=80,
+  scale_factor=2,
+  t5=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+  clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+  flux=dict(
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    axes_dims_rope=(8, 12, 12),
+    guidance_embeds=False,
+  ),
+)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prompts", type=int, default=1, help="P prompts per step")
+  parser.add_argument("--group", type=int, default=24, help="G samples per prompt")
+  parser.add_argument("--topk", type=int, default=6, help="k of the filtered run")
+  parser.add_argument("--steps", type=int, default=10, help="SDE steps of the rollout")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default="", help="append a JSON line of results here")
+  args = parser.parse_args()
+
+  config = load_config("configs/grpo_synthetic.py")
+  config.model.tiny = GENERATOR
+  config.sampling.update(num_steps=args.steps, cfg_scale=4.0)
+  config.grpo.update(
+    prompts_per_step=args.prompts, group_size=args.group, sde_window=(0, args.steps - 1)
+  )
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  rules = sharding.resolve_rules(None)
+  pol = policy.load_policy(config, mesh, rules)
+  graphdef, trainable, frozen = nnx.split(pol.transformer, nnx.LoRAParam, ...)
+  sigmas = jnp.asarray(FlowMatchSchedule().sigmas(args.steps, pol.geo.image_seq_len))
+  timesteps = steps.trained_timesteps(config, args.steps)
+  tx = steps.make_optimizer(config)
+  train_step = jax.jit(steps.make_train_step(graphdef, tx, pol, sigmas, timesteps, config))
+
+  prompts = ["a red circle left of a blue square above a green star"] * args.prompts
+  embeds, pooled = (jnp.repeat(x, args.group, axis=0) for x in pol.encode(prompts))
+  with sharding.use_mesh(mesh, rules):
+    opt_state = tx.init(trainable)
+    rollout = jax.jit(steps.make_rollout(graphdef, pol, sigmas, config))
+    traj = jax.block_until_ready(rollout(trainable, frozen, embeds, pooled, jax.random.key(0)))
+  rewards = jax.random.uniform(jax.random.key(1), (args.prompts, args.group))
+
+  def phase(k):
+    adv, mask = advantages.topk_group_advantages(rewards, k)
+    kept = np.flatnonzero(np.asarray(mask).reshape(-1))
+    batch = dict(
+      latents=traj.latents[:, kept],
+      log_probs=traj.log_probs[:, kept],
+      advantages=adv.reshape(-1)[kept],
+      mask=jnp.ones(len(kept), bool),
+      prompt_embeds=embeds[kept],
+      pooled=pooled[kept],
+    )
+
+    def run():
+      with sharding.use_mesh(mesh, rules):
+        return jax.block_until_ready(train_step(trainable, opt_state, frozen, batch))
+
+    return len(kept), median_time(run, args.repeats)
+
+  kept_all, t_all = phase(None)
+  kept_topk, t_topk = phase(args.topk)
+  result = dict(
+    date=time.strftime("%Y-%m-%d"),
+    machine=f"{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].platform}",
+    group=args.group,
+    topk=args.topk,
+    prompts=args.prompts,
+    trained_timesteps=len(timesteps),
+    trained_samples=dict(topk=kept_topk, all=kept_all),
+    seconds=dict(topk=round(t_topk, 3), all=round(t_all, 3)),
+    ratio=round(t_topk / t_all, 3),
+  )
+  print(json.dumps(result))
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,78 @@
+"""Rewards for GRPO, computed in-process on the decoded images.
+
+- `spatial_score`: the mu of a SpatialScore model (`reward.spatial_score`: a `reward_train`
+  workdir or an export folder; for smoke runs, a random tiny one: `reward.tiny_spatial_score`), the
+  paper's reward.
+- `oracle`: the synthetic world's rule-based checker (the fraction of the prompt's relations
+  the image satisfies), the GenEval-like reward of the Flow-GRPO baseline. It reads prompts of
+  the scene grammar only.
+
+Every available reward is computed and logged on each rollout; `reward.train_on` names the one
+the advantages use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from spatial_jax.data import oracle
+
+REWARDS = ("spatial_score", "oracle")
+RewardFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
+
+
+def oracle_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+  """Fraction of each prompt's relations its image satisfies, (N,) float32."""
+  return np.array(
+    [oracle.score_prompt(im, p).fraction for im, p in zip(images, prompts, strict=True)],
+    np.float32,
+  )
+
+
+def load_spatial_score(config: Any, mesh: jax.sharding.Mesh):
+  """The SpatialScore model `config.reward` names, or None when there is none."""
+  from spatial_jax.reward.inference import SpatialScore  # Lazy: the Qwen stack.
+
+  r = config.reward
+  if r.spatial_score:
+    return SpatialScore.load(r.spatial_score, mesh=mesh, batch_size=r.batch_size)
+  if r.tiny_spatial_score:
+    from spatial_jax import configs_lib
+
+    logging.warning("config.reward has no SpatialScore path: a random tiny one (smoke).")
+    tiny = configs_lib.load_config("configs/reward_synthetic.py", "smoke")
+    tiny.seed = config.seed
+    return SpatialScore.from_config(tiny, mesh=mesh, batch_size=r.batch_size)
+  return None
+
+
+def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
+  """name -> fn(images uint8 (N, H, W, 3), prompts) -> (N,) float32, for each available reward.
+
+  Raises:
+    ValueError: `reward.train_on` is not a known reward, or is not available with this config.
+  """
+  r = config.reward
+  if r.train_on not in REWARDS:
+    raise ValueError(f"config.reward.train_on={r.train_on!r}; use one of {REWARDS}.")
+  fns: dict[str, RewardFn] = {}
+  model = load_spatial_score(config, mesh)
+  if model is not None:
+    fns["spatial_score"] = lambda images, prompts: model.score(images, prompts)[0]
+  if r.oracle:
+    fns["oracle"] = oracle_reward
+  if r.train_on not in fns:
+    raise ValueError(
+      f"config.reward.train_on={r.train_on!r} but that reward is not available: set "
+      + (
+        "config.reward.spatial_score (a reward_train workdir or export)"
+        if r.train_on == "spatial_score"
+        else "config.reward.oracle=True (synthetic prompts only)"
+      )
+    )
+  return fns

@@ -1,0 +1,189 @@
+"""The GRPO job: on-policy first update, KL to the LoRA-off reference, gradients into LoRA only,
+sharding, and a smoke run that resumes exactly."""
+
+import json
+import os
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spatial_jax import checkpoint, sharding
+from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import generator as generator_lib
+from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.rl import policy as policy_lib
+from spatial_jax.rl import steps, train
+
+CONFIG = "configs/grpo_synthetic.py"
+PROMPTS = ["a red circle left of a blue square", "a green star above a yellow triangle"]
+# One float32 rounding step around 1: the rollout's scan and the differentiated step are
+# compiled separately, so the recomputed log-prob may differ from the stored one in the last bit.
+ULP = 2.0**-22
+
+
+def _config(**grpo):
+  config = load_config(CONFIG, "smoke")
+  config.grpo.update(grpo)
+  config.train.weight_decay = 0.0  # Zero gradients then leave parameters exactly unchanged.
+  return config
+
+
+def _phases(config, mesh):
+  """The policy and the jitted rollout / train step of `config` on `mesh`, plus one rollout of
+  the two PROMPTS x group_size samples."""
+  rules = sharding.resolve_rules(None)
+  policy = policy_lib.load_policy(config, mesh, rules)
+  graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
+  n = config.sampling.num_steps
+  sigmas = jnp.asarray(FlowMatchSchedule().sigmas(n, policy.geo.image_seq_len))
+  tx = steps.make_optimizer(config)
+  rollout = jax.jit(steps.make_rollout(graphdef, policy, sigmas, config))
+  train_step = jax.jit(
+    steps.make_train_step(graphdef, tx, policy, sigmas, steps.trained_timesteps(config, n), config)
+  )
+  group = config.grpo.group_size
+  with sharding.use_mesh(mesh, rules):
+    embeds, pooled = (jnp.repeat(x, group, axis=0) for x in policy.encode(PROMPTS))
+    opt_state = jax.jit(tx.init)(trainable)
+    traj = rollout(trainable, frozen, embeds, pooled, jax.random.key(0))
+  advantages = jax.random.normal(jax.random.key(1), (len(PROMPTS) * group,))
+  batch = dict(
+    latents=traj.latents,
+    log_probs=traj.log_probs,
+    advantages=advantages,
+    mask=jnp.ones(advantages.shape, bool),
+    prompt_embeds=embeds,
+    pooled=pooled,
+  )
+  return types.SimpleNamespace(
+    mesh=mesh,
+    rules=rules,
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=opt_state,
+    train_step=train_step,
+    traj=traj,
+    batch=batch,
+  )
+
+
+def _single_device_mesh():
+  return sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+
+
+def _split_lora(tree):
+  leaves = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+  a = {k: v for k, v in leaves.items() if "lora_a" in k}
+  b = {k: v for k, v in leaves.items() if "lora_b" in k}
+  assert a and b and len(a) + len(b) == len(leaves), sorted(leaves)  # LoRA params only.
+  return a, b
+
+
+def test_first_update_is_on_policy_kl_is_zero_and_only_lora_b_moves():
+  p = _phases(_config(topk=None), _single_device_mesh())
+  assert p.traj.latents.shape == (4, 16, 64, 48) and p.traj.log_probs.shape == (3, 16)
+  with sharding.use_mesh(p.mesh, p.rules):
+    new, opt_state, m = p.train_step(p.trainable, p.opt_state, p.frozen, p.batch)
+    _, _, m2 = p.train_step(new, opt_state, p.frozen, p.batch)
+  m, m2 = jax.device_get(m), jax.device_get(m2)
+
+  # The first update after a rollout is on-policy: the ratio is 1 (to the last bit of float32),
+  # nothing is clipped, the surrogate is -mean(A), and with LoRA B = 0 the policy is the
+  # reference, so the KL vanishes.
+  assert abs(m["ratio_min"] - 1) <= ULP and abs(m["ratio_max"] - 1) <= ULP
+  assert m["clipfrac"] == 0.0
+  np.testing.assert_allclose(m["policy_loss"], -np.mean(p.batch["advantages"]), rtol=1e-5)
+  assert m["kl"] < 1e-10
+  # After one update the policy moved: ratios leave 1 and the KL is positive.
+  assert m2["kl"] > 1e3 * max(m["kl"], 1e-20) and m2["ratio_max"] - m2["ratio_min"] > 1e-5
+
+  # The trainable state is the LoRA params only. With B = 0 the gradient of A is exactly 0, so
+  # (without weight decay) only the B matrices move.
+  (a0, b0), (a1, b1) = _split_lora(p.trainable), _split_lora(new)
+  for name in a0:
+    np.testing.assert_array_equal(a1[name], a0[name], err_msg=name)
+  assert all(not b0[k].any() for k in b0) and any(b1[k].any() for k in b1)
+
+
+def test_sharded_train_step_equals_single_device():
+  config = _config()
+  results = []
+  for mesh in (
+    _single_device_mesh(),
+    sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)]),
+  ):
+    p = _phases(config, mesh)
+    with sharding.use_mesh(p.mesh, p.rules):
+      new, _, m = p.train_step(p.trainable, p.opt_state, p.frozen, p.batch)
+    results.append((jax.device_get(p.traj.latents), jax.device_get(m), jax.device_get(new)))
+  (lat_1, m_1, new_1), (lat_8, m_8, new_8) = results
+  np.testing.assert_allclose(lat_8, lat_1, rtol=1e-5, atol=1e-5)  # The same rollout noise.
+  np.testing.assert_allclose(m_8["loss"], m_1["loss"], rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(m_8["grad_norm"], m_1["grad_norm"], rtol=1e-5)
+  # Adam's first update is about lr * sign(g) = 3e-4 per element; where g is ~0 the sign is
+  # rounding noise, hence the absolute tolerance (1% of lr).
+  for a, b in zip(jax.tree.leaves(new_1), jax.tree.leaves(new_8), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=3e-6)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="topk"):
+    train.check_config(_config(topk=5), batch_shards=1)
+  config = _config()
+  config.train.num_minibatches = 3
+  with pytest.raises(ValueError, match="num_minibatches"):
+    train.check_config(config, batch_shards=1)
+  with pytest.raises(ValueError, match="batch shards"):
+    train.check_config(_config(prompts_per_step=3), batch_shards=8)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("grpo"))
+  summary = train.run(load_config(CONFIG, "smoke"), workdir)
+  return workdir, summary
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "history.json")) as f:
+    return {k: dict(v) for k, v in json.load(f).items()}
+
+
+def test_smoke_run_writes_metrics_gallery_checkpoints_and_a_generator(smoke):
+  workdir, summary = smoke
+  assert summary["step"] == 2
+  for when in ("before", "after"):
+    assert set(summary[when]) == {"eval/oracle", "eval/oracle_objects", "eval/spatial_score"}
+    assert 0.0 <= summary[when]["eval/oracle"] <= 1.0
+  history = _history(workdir)
+  assert sorted(history["train/loss"]) == [1, 2]
+  assert history["train/kept_fraction"][1] == pytest.approx(0.5)  # top-2 + bottom-2 of 8.
+  assert checkpoint.Checkpointer(workdir).all_steps() == [1, 2]
+  assert os.path.exists(os.path.join(workdir, "gallery", "step_000002.png"))
+  assert os.path.exists(os.path.join(workdir, "curves.png"))
+  assert os.path.exists(os.path.join(workdir, "final", "lora", "pytorch_lora_weights.safetensors"))
+  generator = generator_lib.load_generator(os.path.join(workdir, "final"))
+  assert generator.image_size == 32 and generator.sampling["cfg_scale"] == 4.0
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
+  workdir, _ = smoke
+  shutil.copytree(os.path.join(workdir, "checkpoints", "1"), tmp_path / "checkpoints" / "1")
+  summary = train.run(load_config(CONFIG, "smoke"), str(tmp_path))
+  full, resumed = _history(workdir), _history(str(tmp_path))
+  assert summary["step"] == 2 and sorted(resumed["train/loss"]) == [2]
+  for name in ("train/loss", "train/reward_oracle", "train/reward_spatial_score", "train/kl"):
+    np.testing.assert_allclose(resumed[name][2], full[name][2], rtol=1e-6, err_msg=name)
+  assert summary["after"] == pytest.approx(smoke[1]["after"])
+
+
+def test_paper_config_without_weights_fails_clearly(tmp_path):
+  config = load_config("configs/grpo_flux_dev.py")
+  assert (config.grpo.group_size, config.grpo.topk, config.lora.rank) == (24, 6, 32)
+  with pytest.raises(ValueError, match="config.model.pipeline is empty"):
+    train.run(config, str(tmp_path))
