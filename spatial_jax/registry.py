@@ -20,6 +20,8 @@ JOBS: dict[str, str] = {
   "flux_sft": "spatial_jax.diffusion.sft_job:run",
   "grpo": "spatial_jax.rl.train:run",
   "sample": "spatial_jax.diffusion.sample_job:run",
+  "quickstart": "spatial_jax.quickstart:run",
+  "pairs_generate": "spatial_jax.data.pairs_generate:run",
 }
 
 

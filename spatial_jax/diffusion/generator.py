@@ -31,7 +31,7 @@ from absl import logging
 from flax import nnx
 
 from spatial_jax import fileio, lora, metrics
-from spatial_jax.data import oracle
+from spatial_jax.data import oracle, perturb, scenes
 from spatial_jax.diffusion import synthetic
 from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids, unpack
 from spatial_jax.diffusion.sampler import sample_ode
@@ -192,6 +192,34 @@ def oracle_scores(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float
   if len(prompts) > 1:
     scores["relations_control"], scores["objects_control"] = verdict(prompts[1:] + prompts[:1])
   return scores
+
+
+def oracle_report(images: np.ndarray, prompts: list[str], per_prompt: int) -> dict[str, Any]:
+  """The oracle's verdicts on `images` (prompt-major, `per_prompt` each) overall, on short
+  (one-relation) and long prompts; {} when a prompt is not of the scene grammar.
+
+  Besides `oracle_scores` (with its other-prompt control), `relations_perturbed`
+  scores each image against its prompt with one relation changed (`perturb_prompt`, as the
+  pairs are made): a generator that draws the right objects at random places satisfies it as
+  often as the prompt itself, so the gap between the two is spatial accuracy above chance.
+  """
+  try:
+    relation_counts = [len(scenes.parse_prompt(p).relations) for p in prompts]
+  except ValueError:
+    return {}
+  repeated = [p for p in prompts for _ in range(per_prompt)]
+  perturbed = [perturb.perturb_prompt(p, seed=i) or p for i, p in enumerate(repeated)]
+  is_long = np.repeat(np.array(relation_counts) > 1, per_prompt)
+  report = {}
+  for name, rows in (("all", np.ones(len(repeated), bool)), ("short", ~is_long), ("long", is_long)):
+    if not rows.any():
+      continue
+    own = [p for p, keep in zip(repeated, rows, strict=True) if keep]
+    changed = [p for p, keep in zip(perturbed, rows, strict=True) if keep]
+    scores = oracle_scores(images[rows], own)
+    scores["relations_perturbed"] = oracle_scores(images[rows], changed)["relations"]
+    report[name] = dict(count=int(rows.sum()), **scores)
+  return report
 
 
 def gallery_grid(samples: np.ndarray, references: np.ndarray, ncols: int) -> np.ndarray:

@@ -15,6 +15,7 @@ params only, and the reference policy of the KL term is the same model with the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ class Policy:
   Attributes:
     transformer: the FLUX transformer, with LoRA applied.
     encode: host-side prompts -> (prompt_embeds, pooled).
-    decode: packed latents (B, N, C) -> images (B, H, W, 3) float in [0, 1]; jittable.
+    decode: packed latents (B, N, C) -> images (B, H, W, 3) float in [0, 1]; called outside
+      `jax.jit` (it is jitted itself: a diffusers pipeline's decode enters its own mesh).
     geo: the latent grid and position ids of the training resolution.
     guidance: the distilled guidance value (models with guidance embeddings only).
     cfg_scale: true classifier-free guidance against `negative` (1.0: off).
@@ -201,7 +203,7 @@ def load_policy(
   return Policy(
     transformer=gen.transformer,
     encode=gen.prompt_encoder,
-    decode=lambda packed: generator_lib.decode_to_unit(gen.codec, geo, packed),
+    decode=jax.jit(functools.partial(generator_lib.decode_to_unit, gen.codec, geo)),
     geo=geo,
     guidance=float(config.sampling.guidance),
     cfg_scale=cfg,

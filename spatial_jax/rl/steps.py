@@ -57,13 +57,13 @@ def make_rollout(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array, conf
 
 
 def make_eval_sampler(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array):
-  """(trainable, frozen, prompt_embeds, pooled, noise) -> images in [0, 1]: the deterministic
-  (ODE) samples evaluation and galleries use."""
+  """(trainable, frozen, prompt_embeds, pooled, noise) -> packed latents of the deterministic
+  (ODE) samples evaluation and galleries use; `policy.decode` them (outside the jit)."""
 
   def sample(trainable, frozen, prompt_embeds, pooled, noise):
     model = nnx.merge(graphdef, trainable, frozen)
     velocity = policy.velocity(model, prompt_embeds, pooled)
-    return policy.decode(sample_ode(velocity, noise, sigmas))
+    return sample_ode(velocity, noise, sigmas)
 
   return sample
 

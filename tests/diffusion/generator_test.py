@@ -68,3 +68,27 @@ def test_prompt_dropout_one_trains_on_the_empty_prompt(parts):
   config.train.prompt_dropout = 0.5
   with pytest.raises(ValueError, match="prompt_dropout"):
     sft_job.make_train_step(graphdef, tx, config, codec, geo, None)
+
+
+def test_object_weights_mark_palette_pixels_and_weight_the_loss():
+  from spatial_jax.data import render, scenes
+
+  scene = scenes.parse_prompt("a red circle left of a blue square")
+  image = render.render_scene(scene, size=32, seed=0)
+  weights = sft_job.object_weights(image[None], 8.0)
+  assert weights.shape == (1, 32, 32, 1) and set(np.unique(weights)) == {1.0, 8.0}
+  share = float((weights == 8.0).mean())
+  assert 0.005 < share < 0.2  # Two small objects on a large background.
+
+  rng = np.random.default_rng(0)
+  x0, noise = rng.normal(size=(2, 2, 4, 3)).astype(np.float32)
+  w = rng.uniform(1, 8, size=(2, 4, 3)).astype(np.float32)
+  t = np.array([0.3, 0.6], np.float32)
+
+  def velocity(x, s):
+    return 0.5 * x
+
+  x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+  err = (0.5 * x_t - (noise - x0)) ** 2
+  loss = sft_job.flow_matching_loss(velocity, x0, noise, t, jnp.asarray(w))
+  np.testing.assert_allclose(loss, (w * err).sum() / w.sum(), rtol=1e-5)

@@ -7,6 +7,7 @@ from PIL import Image
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import render, scenes
 from spatial_jax.data.prompts import synthetic_prompts
+from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import sample_job
 
 
@@ -15,12 +16,13 @@ def test_oracle_report_on_reference_renders_and_the_shuffled_control():
   images = np.stack(
     [render.render_scene(scenes.parse_prompt(p), size=32, seed=i) for i, p in enumerate(prompts)]
   )
-  report = sample_job.oracle_report(images, prompts, per_prompt=1)
+  report = generator_lib.oracle_report(images, prompts, per_prompt=1)
   assert report["all"]["relations"] == 1.0 and report["all"]["objects"] == 1.0
   assert report["all"]["relations_control"] < 1.0  # The renders do depend on their prompts.
+  assert report["all"]["relations_perturbed"] < 1.0  # ... and on the relations in them.
   long = [len(scenes.parse_prompt(p).relations) > 1 for p in prompts]
   assert report["long"]["count"] == sum(long) and report["short"]["count"] == len(long) - sum(long)
-  assert sample_job.oracle_report(images[:1], ["a cat left of a dog"], 1) == {}  # Not grammar.
+  assert generator_lib.oracle_report(images[:1], ["a cat left of a dog"], 1) == {}  # Not grammar.
 
 
 def test_smoke_samples_every_prompt_deterministically(tmp_path):

@@ -158,7 +158,12 @@ def test_smoke_run_writes_metrics_gallery_checkpoints_and_a_generator(smoke):
   workdir, summary = smoke
   assert summary["step"] == 2
   for when in ("before", "after"):
-    assert set(summary[when]) == {"eval/oracle", "eval/oracle_objects", "eval/spatial_score"}
+    assert set(summary[when]) == {
+      "eval/oracle",
+      "eval/oracle_objects",
+      "eval/oracle_perturbed",
+      "eval/spatial_score",
+    }
     assert 0.0 <= summary[when]["eval/oracle"] <= 1.0
   history = _history(workdir)
   assert sorted(history["train/loss"]) == [1, 2]

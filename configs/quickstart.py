@@ -1,0 +1,40 @@
+r"""The synthetic world end to end: pairs -> SpatialScore -> base generator -> GRPO -> report.md.
+
+  python -m spatial_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
+  python -m spatial_jax.main --config configs/quickstart.py:smoke --workdir /tmp/q
+
+Each stage is a job with its own config section, taken from its own config file (override any
+field, e.g. `--config.generator.train.steps=3000`); `<workdir>/report.md` collects what each
+stage reached and took. Rerunning the command skips finished stages and resumes the current one.
+"""
+
+from spatial_jax import configs_lib
+
+
+def get_config(arg=None):
+  arg = configs_lib.parse_arg(arg, smoke=False)
+  smoke = "smoke" if arg.smoke else None
+  config = configs_lib.base_config("quickstart")
+  config.data = configs_lib.load_config("configs/data_synthetic.py", "size=32")
+  config.reward = configs_lib.load_config("configs/reward_synthetic.py", smoke)
+  config.generator = configs_lib.load_config("configs/flux_sft_synthetic.py", smoke)
+  config.grpo = configs_lib.load_config("configs/grpo_synthetic.py", smoke)
+  # The stages' data: one pairs folder, from the data section (the stages build none).
+  config.data.update(num_train=20_000, num_test=512, verify_with_oracle=False)
+  config.grpo.reward.oracle = True
+  config.grpo.reward.tiny_spatial_score = False  # The trained one from reward/.
+  # A CPU budget of ~30 minutes: SpatialScore and GRPO shortened (their own configs run longer).
+  config.reward.train.steps = 500
+  config.reward.eval.max_pairs = 512
+  config.reward.eval_every_steps = 250
+  config.grpo.train.steps = 40
+  config.grpo.eval.num_prompts = 64
+  if arg.smoke:
+    config.reward.train.steps = 4
+    config.reward.eval.max_pairs = 16
+    config.reward.eval_every_steps = 2
+    config.grpo.train.steps = 2
+    config.grpo.eval.num_prompts = 4
+    config.data.update(num_train=96, num_test=32, gallery_pairs=8)
+    config.grpo.sampling.cfg_scale = -1.0  # The generator's own (flux_sft's gallery setting).
+  return config

@@ -1,0 +1,31 @@
+"""The quickstart: every stage runs into one workdir, report.md is written, a rerun skips."""
+
+import json
+import os
+
+from spatial_jax import quickstart
+from spatial_jax.configs_lib import load_config
+
+
+def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
+  config = load_config("configs/quickstart.py", "smoke")
+  report = quickstart.run(config, str(tmp_path))
+  for stage in quickstart.STAGES:
+    assert os.path.isdir(tmp_path / stage), stage
+  assert all(report["seconds"][stage] > 0 for stage in quickstart.STAGES)
+  # GRPO used the trained SpatialScore and the flux_sft generator of this workdir.
+  grpo_config = json.loads((tmp_path / "grpo" / "config.json").read_text())
+  assert grpo_config["reward"]["spatial_score"] == str(tmp_path / "reward")
+  assert grpo_config["model"]["generator"] == str(tmp_path / "generator" / "final")
+  assert set(report["grpo"]["after"]) == {
+    "eval/oracle",
+    "eval/oracle_objects",
+    "eval/oracle_perturbed",
+    "eval/spatial_score",
+  }
+  text = (tmp_path / "report.md").read_text()
+  assert "| eval/oracle |" in text and "Held-out pairwise accuracy: 0." in text
+
+  again = quickstart.run(load_config("configs/quickstart.py", "smoke"), str(tmp_path))
+  assert again["seconds"] == {stage: 0.0 for stage in quickstart.STAGES}
+  assert again["grpo"]["after"] == report["grpo"]["after"]
