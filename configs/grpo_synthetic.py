@@ -74,7 +74,7 @@ def get_config(arg=None):
     adv_eps=1e-4,
     adv_clip=5.0,
     noise_level=0.7,  # Flow-GRPO's `a`.
-    sde_window=(0, 9),  # Stochastic steps [start, end); the last, sharp step stays ODE.
+    sde_window=(),  # Stochastic steps [start, end); empty: all but the last, sharp step (ODE).
     timestep_fraction=1.0,  # Of the stochastic steps, the first fraction is trained.
     clip_range=1e-4,
     beta=0.01,
@@ -96,7 +96,7 @@ def get_config(arg=None):
   if arg.smoke:
     config.reward.tiny_spatial_score = True
     config.sampling.update(num_steps=3, cfg_scale=4.0)  # The random generator has no default.
-    config.grpo.update(prompts_per_step=2, group_size=8, topk=2, sde_window=(0, 2))
+    config.grpo.update(prompts_per_step=2, group_size=8, topk=2)
     config.train.update(steps=2, checkpoint_every=1, num_minibatches=1)
     config.eval.update(every_steps=0, num_prompts=4, num_steps=2)
   return config

@@ -104,7 +104,8 @@ class PromptSource:
     self._held_out = frozenset(self.eval_prompts)
 
   def train(self, step: int, count: int) -> list[str]:
-    """The `count` distinct training prompts of `step`."""
+    """The `count` training prompts of `step` (distinct when drawn from a file; the grammar
+    may repeat a short prompt)."""
     if self.train_pool is None:
       return synthetic_prompts(count, (self.seed, 0, step), exclude=self._held_out, **self.grammar)
     if count > len(self.train_pool):

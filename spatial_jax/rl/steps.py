@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from spatial_jax import lora
 from spatial_jax.diffusion.sampler import sample_ode
 from spatial_jax.diffusion.sde import SDETrajectory, sample_sde, sde_step_with_logprob
 from spatial_jax.rl.grpo import grpo_loss
@@ -50,7 +51,7 @@ def make_rollout(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array, conf
     velocity = policy.velocity(model, prompt_embeds, pooled)
     init_key, sde_key = jax.random.split(key)
     x = jax.random.normal(init_key, (prompt_embeds.shape[0], *policy.latent_shape), jnp.float32)
-    window = tuple(g.sde_window) if g.sde_window else None
+    window = sde_window(config, sigmas.shape[0] - 1)
     return sample_sde(velocity, x, sigmas, sde_key, noise_level=g.noise_level, sde_window=window)
 
   return rollout
@@ -68,12 +69,30 @@ def make_eval_sampler(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array)
   return sample
 
 
+def sde_window(config: Any, num_steps: int) -> tuple[int, int]:
+  """The stochastic steps [start, end) of a rollout of `num_steps`: `grpo.sde_window`, or, when
+  empty, every step but the last, sharp one (Flow-GRPO's default window).
+
+  Raises:
+    ValueError: the window does not lie within the sampling steps.
+  """
+  if not config.grpo.sde_window:
+    return 0, num_steps - 1
+  start, end = (int(x) for x in config.grpo.sde_window)
+  if not 0 <= start < end <= num_steps:
+    raise ValueError(
+      f"config.grpo.sde_window=({start}, {end}) must satisfy 0 <= start < end <= "
+      f"sampling.num_steps={num_steps}."
+    )
+  return start, end
+
+
 def trained_timesteps(config: Any, num_steps: int) -> tuple[int, ...]:
   """The SDE steps that are trained: the first `timestep_fraction` of the stochastic ones, in
   order (Flow-GRPO: 10 steps x 0.99 -> the first 9)."""
   g = config.grpo
-  start, end = tuple(g.sde_window) if g.sde_window else (0, num_steps)
-  stochastic = list(range(max(0, start), min(end, num_steps)))
+  start, end = sde_window(config, num_steps)
+  stochastic = list(range(start, end))
   count = int(len(stochastic) * g.timestep_fraction)
   if count < 1:
     raise ValueError(
@@ -115,12 +134,14 @@ def make_train_step(
 
   def loss_at(trainable, frozen, batch, j):
     x = batch["latents"][j]
-    _, log_prob, mean, std = step_at(nnx.merge(graphdef, trainable, frozen), batch, j, x)
+    model = nnx.merge(graphdef, trainable, frozen)
+    _, log_prob, mean, std = step_at(model, batch, j, x)
     ref_mean = None
     if g.beta > 0:
-      # The reference policy: the same weights with every LoRA delta zeroed (B @ A = 0).
-      off = jax.tree.map(jnp.zeros_like, trainable)
-      _, _, ref_mean, _ = step_at(nnx.merge(graphdef, off, frozen), batch, j, x)
+      # The reference policy: the base model, the LoRA layers switched off (no weights copied).
+      # It is the policy GRPO started from while the adapters start at B = 0, as here.
+      with lora.disabled(model):
+        _, _, ref_mean, _ = step_at(model, batch, j, x)
       ref_mean = jax.lax.stop_gradient(ref_mean)
     return grpo_loss(
       log_prob,

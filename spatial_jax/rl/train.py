@@ -79,6 +79,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   check_config(config, batch_shards)
   g, t = config.grpo, config.train
   P, G = g.prompts_per_step, g.group_size
+  # Rollout images decoded per call: the reward batch, rounded up to the batch shards.
+  decode_chunk = -(-config.reward.batch_size // batch_shards) * batch_shards
 
   # -- Policy, rewards, prompts --------------------------------------------------------------
   policy = policy_lib.load_policy(config, mesh, rules)
@@ -196,7 +198,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         group_prompts = [p for p in step_prompts for _ in range(G)]  # Each prompt's G adjacent.
         prompt_embeds, pooled = (put(jnp.repeat(x, G, axis=0)) for x in policy.encode(step_prompts))
         traj = p_rollout(trainable, frozen, prompt_embeds, pooled, key)
-        images = generator_lib.unit_to_uint8(policy.decode(traj.latents[-1]))
+        images = np.concatenate(  # In chunks: a VAE decode of P x G large images is costly.
+          [
+            generator_lib.unit_to_uint8(policy.decode(traj.latents[-1][i : i + decode_chunk]))
+            for i in range(0, P * G, decode_chunk)
+          ]
+        )
         rollout_secs, timer = time.perf_counter() - timer, time.perf_counter()
 
         rewards = {name: fn(images, group_prompts) for name, fn in reward_fns.items()}
@@ -231,6 +238,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         scalars.update({f"train/reward_{k}": float(np.mean(v)) for k, v in rewards.items()})
         kept_stats = grpo_lib.reward_metrics(reward.reshape(-1), mask.reshape(-1))
         scalars.update({f"train/{k}": float(v) for k, v in kept_stats.items()})
+        # Groups whose rewards all tie teach nothing (Flow-GRPO's zero_std_ratio).
+        group_std = np.asarray(reward).std(axis=1)
+        scalars["train/zero_std_ratio"] = float(np.mean(group_std == 0))
+        scalars["train/group_reward_std"] = float(np.mean(group_std))
         scalars.update(
           {"time/rollout_s": rollout_secs, "time/reward_s": reward_secs, "time/train_s": train_secs}
         )

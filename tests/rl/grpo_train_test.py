@@ -140,6 +140,11 @@ def test_config_errors_name_the_field():
     train.check_config(config, batch_shards=1)
   with pytest.raises(ValueError, match="batch shards"):
     train.check_config(_config(prompts_per_step=3), batch_shards=8)
+  # The stochastic window: all steps but the last by default, checked against the step count.
+  assert steps.sde_window(_config(), 10) == (0, 9)
+  assert steps.trained_timesteps(_config(sde_window=(2, 6), timestep_fraction=0.5), 10) == (2, 3)
+  with pytest.raises(ValueError, match="sde_window"):
+    steps.sde_window(_config(sde_window=(0, 11)), 10)
 
 
 @pytest.fixture(scope="module")
