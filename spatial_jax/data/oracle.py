@@ -96,6 +96,26 @@ def check_scene(image: np.ndarray, scene: scenes.Scene) -> OracleResult:
   return OracleResult(tuple(satisfied), fraction, tuple(found), tuple(centroids), tuple(sizes))
 
 
+def soft_fraction(result: OracleResult, scene: scenes.Scene, sharpness: float = 4.0) -> float:
+  """A graded version of `result.fraction`: per relation, sigmoid(sharpness * z) where z is how
+  far the centroids are past the relation's margin, in units of the two objects' sizes (0 for a
+  missing object); the mean over relations. A dense reward for RL, where the 0/1 verdict of a
+  few relations gives most groups of samples the same score."""
+  values = []
+  for r in scene.relations:
+    if not (result.found[r.subject] and result.found[r.object]):
+      values.append(0.0)
+      continue
+    scale = result.sizes[r.subject] + result.sizes[r.object]
+    (sx, sy), (ox, oy) = result.centroids[r.subject], result.centroids[r.object]
+    offset = {"left of": ox - sx, "right of": sx - ox, "above": oy - sy, "below": sy - oy}[
+      r.relation
+    ]
+    z = (offset - RELATION_MARGIN * scale) / scale
+    values.append(float(1.0 / (1.0 + np.exp(-sharpness * z))))
+  return float(np.mean(values)) if values else 1.0
+
+
 def score_prompt(image: np.ndarray, prompt: str) -> OracleResult:
   """Parses `prompt` (scene grammar) and checks it on `image`; ValueError for foreign prompts."""
   return check_scene(image, scenes.parse_prompt(prompt))

@@ -3,6 +3,9 @@
 - `spatial_score`: the mu of a SpatialScore model (`reward.spatial_score`: a `reward_train`
   workdir or an export folder; for smoke runs, a random tiny one: `reward.tiny_spatial_score`), the
   paper's reward.
+- `oracle_soft`: the oracle's graded verdict (`oracle.soft_fraction`): a dense version of
+  `oracle` for training, with the same ground truth.
+- `brightness`: the mean pixel value, only when `train_on` names it: a dense sanity reward.
 - `oracle`: the synthetic world's rule-based checker (the fraction of the prompt's relations
   the image satisfies), the GenEval-like reward of the Flow-GRPO baseline. It reads prompts of
   the scene grammar only.
@@ -20,10 +23,27 @@ import jax
 import numpy as np
 from absl import logging
 
-from spatial_jax.data import oracle
+from spatial_jax.data import oracle, scenes
 
-REWARDS = ("spatial_score", "oracle")
+REWARDS = ("spatial_score", "oracle", "oracle_soft", "brightness")
 RewardFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
+
+
+def oracle_soft_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+  """The oracle's graded verdict (`oracle.soft_fraction`), (N,) float32: how far past each
+  relation's margin the objects are, so that nearly-right layouts score above wrong ones."""
+  out = []
+  for image, prompt in zip(images, prompts, strict=True):
+    scene = scenes.parse_prompt(prompt)
+    out.append(oracle.soft_fraction(oracle.check_scene(image, scene), scene))
+  return np.array(out, np.float32)
+
+
+def brightness_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+  """Mean pixel value in [0, 1], (N,) float32: a dense reward that ignores the prompt, for
+  checking that the RL machinery climbs a reward at all (as DDPO's compressibility task)."""
+  del prompts
+  return np.asarray(images, np.float32).mean(axis=(1, 2, 3)) / 255.0
 
 
 def oracle_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
@@ -66,6 +86,9 @@ def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
     fns["spatial_score"] = lambda images, prompts: model.score(images, prompts)[0]
   if r.oracle:
     fns["oracle"] = oracle_reward
+    fns["oracle_soft"] = oracle_soft_reward
+  if r.train_on == "brightness":
+    fns["brightness"] = brightness_reward
   if r.train_on not in fns:
     raise ValueError(
       f"config.reward.train_on={r.train_on!r} but that reward is not available: set "
