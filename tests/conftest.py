@@ -10,3 +10,30 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Keep TensorFlow (pulled in by clu / tfds) off the fake devices' threads.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent XLA cache for the whole run: many tests compile the same tiny programs (the
+  smoke runs' steps, samplers and initialisers, again in resumes and in the quickstart), and
+  read them back instead of compiling them again (~10 s each)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  before = {name: getattr(jax.config, name) for name in names}
+  values = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
+  for name, value in zip(names, values, strict=True):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # The cache is set up once per process; start it anew.
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

@@ -21,6 +21,7 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
     "eval/oracle",
     "eval/oracle_objects",
     "eval/oracle_perturbed",
+    "eval/oracle_soft",
     "eval/spatial_score",
   }
   text = (tmp_path / "report.md").read_text()

@@ -12,7 +12,6 @@ import pytest
 import safetensors.numpy
 from absl import flags
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from spatial_jax import checkpoint, lora, main, sharding
@@ -102,26 +101,6 @@ def _run_main(*args):
     main.main(["spatial_jax.main"])
   finally:
     flags.FLAGS.unparse_flags()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  """A persistent XLA cache for this module: the runs after the first compile the same
-  programs (the step, the sampler, the initialisers), and read them back instead (~10 s each)."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  before = {name: getattr(jax.config, name) for name in names}
-  values = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
-  for name, value in zip(names, values, strict=True):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # The cache is set up once per process; start it anew.
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

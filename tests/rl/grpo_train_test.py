@@ -167,6 +167,7 @@ def test_smoke_run_writes_metrics_gallery_checkpoints_and_a_generator(smoke):
       "eval/oracle",
       "eval/oracle_objects",
       "eval/oracle_perturbed",
+      "eval/oracle_soft",
       "eval/spatial_score",
     }
     assert 0.0 <= summary[when]["eval/oracle"] <= 1.0
