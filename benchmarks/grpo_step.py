@@ -33,21 +33,17 @@ from spatial_jax.configs_lib import load_config  # noqa: E402
 from spatial_jax.diffusion.schedule import FlowMatchSchedule  # noqa: E402
 from spatial_jax.rl import advantages, policy, steps  # noqa: E402
 
-# The flux_sft_synthetic generator's architecture (configs/flux_sft_synthetic.py).
-GENERATOR = dict(
-  max_length=80,
-  scale_factor=2,
-  t5=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
-  clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-  flux=dict(
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    axes_dims_rope=(8, 12, 12),
-    guidance_embeds=False,
-  ),
-)
+
+def flux_sft_generator() -> dict:
+  """The flux_sft_synthetic generator's architecture, as `config.model.tiny` describes one."""
+  sft = load_config("configs/flux_sft_synthetic.py")
+  return dict(
+    max_length=sft.text.max_length,
+    scale_factor=sft.codec.scale_factor,
+    t5=dict(sft.text.t5),
+    clip=dict(sft.text.clip),
+    flux=dict(sft.model.flux),
+  )
 
 
 def main() -> None:
@@ -61,7 +57,7 @@ def main() -> None:
   args = parser.parse_args()
 
   config = load_config("configs/grpo_synthetic.py")
-  config.model.tiny = GENERATOR
+  config.model.tiny = flux_sft_generator()
   config.sampling.update(num_steps=args.steps, cfg_scale=4.0)
   config.grpo.update(
     prompts_per_step=args.prompts, group_size=args.group, sde_window=(0, args.steps - 1)

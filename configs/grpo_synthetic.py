@@ -27,31 +27,9 @@ def get_config(arg=None):
     eval_prompts="",  # Held-out prompts; empty: drawn from the grammar (or the file's tail).
     synthetic=dict(min_objects=2, max_objects=4, max_relations=4),
   )
-  config.model = dict(
-    pipeline="",  # A diffusers FLUX folder (the real world).
-    generator="",  # A flux_sft export (`<workdir>/final`); both empty: a random tiny generator.
-    max_sequence_length=512,  # T5 tokens (pipeline only).
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention_impl="",
-    scan_layers=True,
-    # The random tiny generator of smoke runs (flux_sft_synthetic:smoke's architecture).
-    tiny=dict(
-      max_length=80,
-      scale_factor=2,
-      t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
-      clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
-      flux=dict(
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        axes_dims_rope=(4, 4, 8),
-        guidance_embeds=False,
-      ),
-    ),
-  )
+  # `generator`: a flux_sft export (`<workdir>/final`); `pipeline`: a diffusers FLUX folder (the
+  # real world); both empty: a random tiny generator (`tiny`).
+  config.model = configs_lib.flux_model()
   config.lora = dict(rank=16, alpha=32.0, targets=(), single_mlp=False)
   config.reward = dict(
     spatial_score="",  # A reward_train workdir or a SpatialScore export.

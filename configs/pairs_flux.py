@@ -52,30 +52,9 @@ def get_config(arg=None):
     image_size=512,
     synthetic=dict(min_objects=2, max_objects=4, max_relations=4),  # Prompts without a file.
   )
-  config.model = dict(
-    pipeline="",  # A diffusers FLUX folder (FLUX.1-dev).
-    generator="",  # Or a synthetic generator folder (flux_sft / grpo export).
-    max_sequence_length=512,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-    remat="none",
-    attention_impl="",  # "cudnn" on NVIDIA GPUs.
-    scan_layers=True,
-    tiny=dict(  # Neither folder set: a random tiny generator (smoke runs only).
-      max_length=80,
-      scale_factor=2,
-      t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
-      clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
-      flux=dict(
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        axes_dims_rope=(4, 4, 8),
-        guidance_embeds=False,
-      ),
-    ),
-  )
+  # `pipeline`: a diffusers FLUX folder (FLUX.1-dev); or `generator`: a synthetic generator
+  # folder (flux_sft / grpo export); neither: a random tiny generator (smoke runs only).
+  config.model = configs_lib.flux_model(dtype="bfloat16", param_dtype="bfloat16")
   # FLUX.1-dev guides through its distilled guidance embedding (3.5), without true CFG;
   # cfg_scale < 0 takes a synthetic generator's own. shared_noise: both images of a pair start
   # from the same noise, so they differ where the prompts do.

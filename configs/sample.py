@@ -26,31 +26,9 @@ def get_config(arg=None):
   config.batch_size = 32  # Images per compiled call.
   config.grid_prompts = 32  # Rows of grid.png.
   config.data = dict(image_size=32, synthetic=dict(min_objects=2, max_objects=4, max_relations=4))
-  config.model = dict(
-    pipeline="",  # A diffusers FLUX folder.
-    generator="",  # A synthetic generator folder; both empty: a random tiny generator.
-    lora="",  # A diffusers LoRA folder applied on top.
-    max_sequence_length=512,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention_impl="",
-    scan_layers=True,
-    tiny=dict(
-      max_length=80,
-      scale_factor=2,
-      t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
-      clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
-      flux=dict(
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        axes_dims_rope=(4, 4, 8),
-        guidance_embeds=False,
-      ),
-    ),
-  )
+  # A diffusers FLUX folder (`pipeline`) or a synthetic generator folder (`generator`); both
+  # empty: a random tiny generator. `lora`: a diffusers LoRA folder applied on top.
+  config.model = configs_lib.flux_model(lora="")
   # cfg_scale < 0: the generator's own (generator.json); guidance: FLUX.1-dev's embedding.
   config.sampling = dict(num_steps=20, guidance=1.0, cfg_scale=-1.0)
   if arg.smoke:

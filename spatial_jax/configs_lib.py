@@ -83,3 +83,41 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+# The random tiny generator of smoke runs: flux_sft_synthetic:smoke's architecture.
+TINY_GENERATOR = dict(
+  max_length=80,
+  scale_factor=2,
+  t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
+  clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+  flux=dict(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    axes_dims_rope=(4, 4, 8),
+    guidance_embeds=False,
+  ),
+)
+
+
+def flux_model(**overrides: Any) -> dict[str, Any]:
+  """The `config.model` section of jobs that load a text-to-image policy (`rl.policy`):
+  `pipeline` (a diffusers FLUX folder) or `generator` (a synthetic generator folder); neither:
+  the random tiny generator `tiny` (smoke runs). `overrides` replace or add fields."""
+  import copy
+
+  model = dict(
+    pipeline="",
+    generator="",
+    max_sequence_length=512,  # T5 tokens (pipeline only).
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+    attention_impl="",  # "cudnn" on NVIDIA GPUs.
+    scan_layers=True,
+    tiny=copy.deepcopy(TINY_GENERATOR),
+  )
+  model.update(overrides)
+  return model

@@ -70,6 +70,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with sharding.use_mesh(mesh, rules):
     for first in range(0, len(prompts), chunk):
       group = prompts[first : first + chunk]
+      real = len(group) * n
+      # The last chunk is padded with copies of its last prompt: one compiled program.
+      group = group + group[-1:] * (chunk - len(group))
       embeds, pooled = (jnp.repeat(x, n, axis=0) for x in policy.encode(group))
       keys = [
         jax.random.fold_in(jax.random.key(config.seed), (first + i) * n + j)
@@ -78,7 +81,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       ]
       noise = jnp.stack([jax.random.normal(k, policy.latent_shape, jnp.float32) for k in keys])
       latents = sample(state, nnx.State({}), embeds, pooled, noise)
-      images.append(generator_lib.unit_to_uint8(policy.decode(latents)))
+      images.append(generator_lib.unit_to_uint8(policy.decode(latents))[:real])
   images = np.concatenate(images)
   seconds = time.time() - start
 

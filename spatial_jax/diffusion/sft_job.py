@@ -287,11 +287,12 @@ def flux_config(config: Any, codec: synthetic.PixelCodec, encoder: synthetic.Pro
     in_channels=4 * codec.latent_channels,
     joint_attention_dim=encoder.joint_attention_dim,
     pooled_projection_dim=encoder.pooled_projection_dim,
-    **_runtime(config),
+    **runtime_kwargs(config),
   )
 
 
-def _runtime(config: Any) -> dict[str, Any]:
+def runtime_kwargs(config: Any) -> dict[str, Any]:
+  """FluxTransformer's runtime fields (dtypes, remat, attention, scan) from `config.model`."""
   m = config.model
   return dict(
     dtype=m.dtype,
@@ -340,7 +341,7 @@ def build_model(config: Any, codec, encoder, mesh, rules) -> FluxTransformer:
 
   if m.transformer:
     model = FluxTransformer.from_pretrained(
-      m.transformer, mesh=mesh, sharding_rules=config.sharding_rules, **_runtime(config)
+      m.transformer, mesh=mesh, sharding_rules=config.sharding_rules, **runtime_kwargs(config)
     )
     with sharding.use_mesh(mesh, rules):
       model = add_lora(model)

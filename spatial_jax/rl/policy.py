@@ -29,6 +29,7 @@ from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import synthetic
 from spatial_jax.diffusion.generator import Embeds, Geometry
 from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids
+from spatial_jax.diffusion.sft_job import runtime_kwargs
 from spatial_jax.models.flux import FluxConfig, FluxTransformer
 from spatial_jax.models.flux import params as flux_params
 
@@ -80,17 +81,6 @@ class Policy:
     # The SDE math is fp32 (grpo.md §1.2); a bf16 model is cast back here, the same way in the
     # rollout and in training, so that the first ratio is exactly 1.
     return lambda x, sigma: v(x.astype(model.config.dtype), sigma).astype(jnp.float32)
-
-
-def _runtime(config: Any) -> dict[str, Any]:
-  m = config.model
-  return dict(
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    remat=m.remat,
-    attention_impl=m.attention_impl or None,
-    scan_layers=m.scan_layers,
-  )
 
 
 def _add_lora(model: FluxTransformer, config: Any) -> FluxTransformer:
@@ -151,7 +141,7 @@ def _tiny_generator(config: Any, mesh, rules) -> generator_lib.Generator:
     in_channels=4 * codec.latent_channels,
     joint_attention_dim=encoder.joint_attention_dim,
     pooled_projection_dim=encoder.pooled_projection_dim,
-    **_runtime(config),
+    **runtime_kwargs(config),
   )
   transformer = sharding.create_sharded(
     lambda: FluxTransformer(flux_config, rngs=nnx.Rngs(config.seed)), mesh, rules
@@ -179,7 +169,7 @@ def load_policy(
     return _from_pipeline(config, mesh, rules, add_lora)
   if m.generator:
     gen = generator_lib.load_generator(
-      m.generator, mesh=mesh, sharding_rules=config.sharding_rules, **_runtime(config)
+      m.generator, mesh=mesh, sharding_rules=config.sharding_rules, **runtime_kwargs(config)
     )
     source = m.generator
   elif m.get("tiny"):
