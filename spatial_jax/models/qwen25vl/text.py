@@ -135,9 +135,22 @@ def _run_layer(
   return layer(x, cos, sin, mask)
 
 
-# Rematerialised variant: the backward pass recomputes each layer's activations instead of
-# storing them (memory O(layers * B * L * D) instead of the attention/MLP intermediates).
-_run_layer_remat = nnx.remat(_run_layer)
+def _run_layer_remat(
+  layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+  """Rematerialised `_run_layer`: the backward pass recomputes the layer's activations.
+
+  Memory O(layers * B * L * D) instead of the attention/MLP intermediates. A pure split/merge
+  around `jax.checkpoint` (as vision.py's `_remat_block`), not `nnx.remat`: nnx.remat writes
+  Variables back and fails with a TraceContextError when LoRA params are traced at another level
+  (the reward trainer's `nnx.merge` inside `jax.grad`).
+  """
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask)
+
+  return jax.checkpoint(run)(state, x, cos, sin, mask)
 
 
 class TextModel(nnx.Module):

@@ -261,3 +261,26 @@ def test_bad_shapes_raise():
     model(x, jnp.zeros((3, 2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="inputs_embeds width"):
     model(jnp.zeros((2, 5, 7)), jnp.zeros((3, 2, 5), jnp.int32))
+
+
+def test_remat_with_lora_differentiates_the_adapters():
+  # The reward trainer differentiates the LoRA params only, merging them with the frozen base
+  # inside jax.grad; nnx.remat used to fail there with a TraceContextError.
+  from spatial_jax import lora
+
+  _, embeds, positions, mask = _inputs(TINY)
+  args = (jnp.asarray(embeds), jnp.asarray(positions), jnp.asarray(mask))
+  grads = []
+  for remat in (False, True):
+    model = _make_model(TINY.replace(remat=remat), seed=2)
+    lora.apply_lora(model, rank=2, alpha=4, targets=[r".*q_proj"], rngs=nnx.Rngs(1))
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(adapters, frozen, graphdef=graphdef):
+      return jnp.sum(nnx.merge(graphdef, adapters, frozen)(*args) ** 2)
+
+    grads.append(jax.jit(jax.grad(loss))(adapters, frozen))
+  leaves = [jax.tree.leaves(g) for g in grads]
+  assert leaves[0] and any(np.abs(np.asarray(x)).max() > 0 for x in leaves[1])
+  for a, b in zip(*leaves, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
