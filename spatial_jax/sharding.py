@@ -302,3 +302,51 @@ def create_sharded(ctor: Callable[[], T], mesh: Mesh, rules: Rules) -> T:
 def data_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   """Sharding of a batch array: leading dim over `act_batch`, rest replicated."""
   return named_sharding(mesh, ("act_batch",) + (None,) * (ndim - 1), rules)
+
+
+def process_batch_shard(mesh: Mesh, rules: Rules) -> tuple[int, int]:
+  """(index, count): which distinct slice of an `act_batch` batch this process holds.
+
+  A data loader shards by it (`shard_index`, `shard_count`) and the per-process batches become
+  one global batch with `process_local_to_global`. Processes whose devices hold the same rows
+  (the batch replicated across them) get the same index, so they load the same data. Usually
+  (the batch axes outermost in the mesh) this is `(jax.process_index(), jax.process_count())`.
+
+  Raises:
+    ValueError: the processes' rows are not equal, contiguous blocks (a mesh whose batch axes
+      interleave devices of different processes).
+  """
+  n = mesh.devices.size
+  indices = data_sharding(mesh, rules, 1).devices_indices_map((n,))
+  rows: dict[int, set[tuple[int, int]]] = {}
+  for device, (index,) in indices.items():
+    start, stop, _ = index.indices(n)
+    rows.setdefault(device.process_index, set()).add((start, stop))
+  blocks = {}
+  for process, spans in rows.items():
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    covered = set().union(*(range(s, e) for s, e in spans))
+    if covered != set(range(start, stop)):
+      raise ValueError(
+        f"Process {process} holds batch rows {sorted(spans)}: not one contiguous block. Put the "
+        "mesh's batch axes (act_batch's, e.g. data/fsdp) outermost so each process holds one."
+      )
+    blocks[process] = (start, stop)
+  distinct = sorted(set(blocks.values()))
+  if len({stop - start for start, stop in distinct}) != 1 or (
+    sum(stop - start for start, stop in distinct) != n
+  ):
+    raise ValueError(f"The processes' batch rows {distinct} do not split the batch evenly.")
+  return distinct.index(blocks[jax.process_index()]), len(distinct)
+
+
+def process_local_to_global(local: Any, shardings: Any) -> Any:
+  """Per-process pieces of a batch -> global `jax.Array`s (a pytree, with matching shardings).
+
+  Each process passes the rows its devices hold (its `process_batch_shard` slice, in order);
+  dimensions a sharding does not split across processes are passed whole. With one process this
+  is a `device_put`. Shapes must be the same on every process (pad to fixed shapes).
+  """
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local, shardings
+  )

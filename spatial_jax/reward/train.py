@@ -8,6 +8,7 @@ with the trainable and optimizer state donated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -22,7 +23,8 @@ from flax import nnx
 
 from spatial_jax import checkpoint, metrics, sharding
 from spatial_jax.data import loader as pair_loader
-from spatial_jax.models.qwen25vl import ModelInputs
+from spatial_jax.data import pairs as pairs_lib
+from spatial_jax.models.qwen25vl import ModelInputs, vision
 from spatial_jax.reward import build, evaluate, losses
 from spatial_jax.reward.model import trainable_filter
 
@@ -49,9 +51,15 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
 
 
 def pair_inputs(preparer, batch: dict[str, np.ndarray]) -> ModelInputs:
-  """One batch of 2B sequences: the chosen images first, then the rejected ones, same prompts."""
-  images = list(batch["chosen"]) + list(batch["rejected"])
-  prompts = list(batch["prompt"]) * 2
+  """One batch of 2B sequences, the pairs interleaved: chosen_0, rejected_0, chosen_1, ...
+
+  Interleaved (not all chosen, then all rejected) so that any contiguous block of rows holds
+  whole pairs: each process's slice of a global batch is then its own loader batch.
+  """
+  images = [
+    image for pair in zip(batch["chosen"], batch["rejected"], strict=True) for image in pair
+  ]
+  prompts = [prompt for prompt in batch["prompt"] for _ in range(2)]
   return preparer(images, prompts)
 
 
@@ -70,10 +78,36 @@ def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
   )
 
 
+def global_pair_inputs(preparer, batch: dict[str, np.ndarray], mesh, rules) -> ModelInputs:
+  """This process's loader batch -> the sharded global `ModelInputs` of the train step.
+
+  With one process: `pair_inputs` placed on the mesh. With several, each process prepares its
+  own pairs; the global batch is their concatenation in `sharding.process_batch_shard` order
+  (`make_array_from_process_local_data`). The vision metadata indexes the patches of the whole
+  batch, so it is rebuilt for the global image count (every image has the same size: the loader
+  resizes them all).
+  """
+  inputs = pair_inputs(preparer, batch)
+  shardings = input_shardings(inputs, mesh, rules)
+  if jax.process_count() == 1:
+    return jax.device_put(inputs, shardings)
+  _, shards = sharding.process_batch_shard(mesh, rules)
+  meta = None
+  if inputs.pixel_values is not None:
+    grid = np.asarray(preparer.image_processor([batch["chosen"][0]])["image_grid_thw"])
+    num_images = 2 * len(batch["chosen"]) * shards
+    meta = vision.vision_metadata(
+      np.tile(grid.reshape(1, 3), (num_images, 1)), preparer.config.vision
+    )
+  local = dataclasses.replace(inputs, vision_meta=None)
+  out = sharding.process_local_to_global(local, dataclasses.replace(shardings, vision_meta=None))
+  return dataclasses.replace(out, vision_meta=jax.device_put(meta, shardings.vision_meta))
+
+
 def loss_fn(model, inputs: ModelInputs, key: jax.Array, config: Any):
   mu, sigma = model(inputs)
-  half = mu.shape[0] // 2
-  mu_w, mu_l, sigma_w, sigma_l = mu[:half], mu[half:], sigma[:half], sigma[half:]
+  # Rows are (chosen, rejected) pairs, interleaved (`pair_inputs`).
+  (mu_w, mu_l), (sigma_w, sigma_l) = mu.reshape(-1, 2).T, sigma.reshape(-1, 2).T
   loss = losses.get_loss(config.loss)(
     mu_w, sigma_w, mu_l, sigma_l, key=key, num_samples=config.mc_samples
   )
@@ -126,23 +160,38 @@ def ensure_pairs(config: Any, workdir: str) -> str:
   folder = os.path.join(workdir, "pairs")
   data_config = ml_collections.ConfigDict(dict(config.data.synthetic))
   data_config.seed = config.seed
-  synthetic_job.run(data_config, folder)
+  synthetic_job.run(data_config, folder)  # Writes from process 0 only.
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("spatial_jax.reward.train:pairs")
+    if not os.path.exists(os.path.join(folder, pairs_lib.PAIRS_FILE)):
+      raise FileNotFoundError(
+        f"Process {jax.process_index()} cannot see the synthetic pairs process 0 wrote to "
+        f"{folder}: the workdir must be a folder every process shares (or set config.data.pairs "
+        "to a pairs folder each process can read)."
+      )
   return folder
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates periodically, checkpoints, and exports; returns the final metrics."""
   # -- Mesh ----------------------------------------------------------------------------------
-  if jax.process_count() > 1:
-    # Each process would need its own slice of the batch, with chosen/rejected rows of a pair
-    # kept together (make_array_from_process_local_data); until then, refuse clearly.
-    raise NotImplementedError("reward_train runs in one process (any number of local devices).")
+  # Several processes (multi-host): each loads its own slice of the pairs and the global batch
+  # is assembled from the slices (`global_pair_inputs`); orbax saves from all of them, process 0
+  # alone writes jsons and PNGs. The workdir must be one shared folder (checkpoints).
   if jax.process_index() == 0:  # main.py writes it too; Colab and tests call run() directly.
     os.makedirs(workdir, exist_ok=True)
     metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
   key = jax.random.key(config.seed)
+  shard_index, shard_count = sharding.process_batch_shard(mesh, rules)
+  if config.train.batch_size % shard_count:
+    raise ValueError(
+      f"config.train.batch_size={config.train.batch_size} pairs must split evenly over the "
+      f"{shard_count} processes that hold different slices of the batch."
+    )
 
   # -- Model ---------------------------------------------------------------------------------
   built = build.build(config, workdir, mesh, rules)
@@ -161,9 +210,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   train_iter = pair_loader.make_pairs_loader(
     pairs_dir,
     split=config.data.train_split,
-    batch_size=config.train.batch_size // jax.process_count(),
+    batch_size=config.train.batch_size // shard_count,
     image_size=image_size,
     seed=config.seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
   )
   test_records = evaluate.load_eval_pairs(
     pairs_dir,
@@ -178,12 +229,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     opt_state = jax.jit(tx.init)(trainable)
 
   train_step = make_train_step(graphdef, tx, config, key)
-  p_step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, None))
+  # Metrics and scores replicated: every process can read them (also when it holds no shard).
+  replicated = sharding.named_sharding(mesh, (), rules)
+  p_step = jax.jit(
+    train_step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, replicated)
+  )
 
   def score_fn(trainable, frozen, inputs):
     return nnx.merge(graphdef, trainable, frozen)(inputs)
 
-  p_score = jax.jit(score_fn)
+  # Evaluation inputs are host arrays, the same on every process (each reads the whole eval set).
+  p_score = jax.jit(score_fn, out_shardings=replicated)
 
   # -- Checkpoint restore --------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(
@@ -215,9 +271,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   try:
     with sharding.use_mesh(mesh, rules):
       for step in range(start_step + 1, config.train.steps + 1):
-        batch = next(train_iter)
-        inputs = pair_inputs(built.preparer, batch)
-        inputs = jax.device_put(inputs, input_shardings(inputs, mesh, rules))
+        inputs = global_pair_inputs(built.preparer, next(train_iter), mesh, rules)
         trainable, opt_state, aux = p_step(trainable, opt_state, frozen, inputs, step)
         log_now = step % config.log_every_steps == 0 or step == config.train.steps
         if log_now or step % config.train.checkpoint_every == 0:

@@ -70,7 +70,15 @@ def check_config(config: Any, batch_shards: int) -> None:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates, checkpoints, exports; returns the summary (also in summary.json)."""
   if jax.process_count() > 1:
-    raise NotImplementedError("grpo runs in one process (any number of local devices).")
+    # The jitted phases run across processes (rollout and train step: tests/multiprocess_test.py),
+    # but this loop decodes, scores and selects the rollout on the host from whole arrays, which
+    # several processes would first have to gather (or score their own rows and exchange rewards).
+    raise NotImplementedError(
+      f"grpo runs in one process (any number of local devices), not {jax.process_count()}: the "
+      "loop decodes and rewards the rollout on the host. Use one host with several GPUs/TPU chips "
+      "(e.g. srun --nodes=1 --ntasks=1), or call rl.steps' rollout and train step yourself with "
+      "batches from sharding.process_local_to_global."
+    )
   os.makedirs(workdir, exist_ok=True)
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)

@@ -1,0 +1,116 @@
+"""Two processes (jax.distributed on CPU, loopback) train exactly like one process.
+
+Runs `multiprocess_worker.py` three times at once: two processes of 4 CPU devices each, joined by
+`jax.distributed.initialize` over 127.0.0.1, and a single-process reference with 8 devices. Both
+sides use the same (data 2, fsdp 2, tensor 2) mesh and the same global batches, which in the
+2-process run are assembled from per-process data (see the worker's docstring). The reward and
+GRPO train steps must then give the same losses and parameters.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from spatial_jax.configs_lib import load_config
+from spatial_jax.data import synthetic_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+# A hung coordinator must not hang CI (a worker that dies takes the others down within seconds
+# through jax's coordination service; this is the backstop). Generous: on a loaded 2-core runner
+# the three workers need ~3 minutes.
+TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(num_devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  # The test process's own flags (conftest: 8 devices) must not leak into the workers.
+  # Backend optimisation off: the programs are tiny, compiling them is most of the test's time,
+  # and both sides of the comparison compile the same way.
+  env["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
+  )
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    env.pop(name, None)  # jax.distributed must not auto-detect a cluster around the test.
+  return env
+
+
+def _stderr_tail(path: str, lines: int = 40) -> str:
+  with open(path, errors="replace") as f:
+    text = [line for line in f if not line.startswith("[Gloo]")]
+  return "".join(text[-lines:])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("multiprocess")
+  pairs = str(out / "pairs")
+  data = load_config("configs/reward_synthetic.py", "smoke").data.synthetic
+  data.seed = 0
+  synthetic_job.run(data, pairs)
+  base = [sys.executable, WORKER, "--out", str(out), "--pairs", pairs]
+  port = _free_port()
+  commands = {
+    "reference": (base, 8),
+    **{
+      f"process_{i}": (
+        base
+        + ["--process_id", str(i), "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}"],
+        4,
+      )
+      for i in range(2)
+    },
+  }
+  start = time.time()
+  procs = {}
+  for name, (cmd, devices) in commands.items():
+    log = open(out / f"{name}.log", "w")  # noqa: SIM115  (closed below)
+    procs[name] = (
+      subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT),
+      log,
+    )
+  failures = []
+  for name, (proc, log) in procs.items():
+    try:
+      rc = proc.wait(timeout=max(1.0, TIMEOUT_S - (time.time() - start)))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+      rc = f"killed after {TIMEOUT_S} s"
+    log.close()
+    if rc != 0:
+      failures.append(f"--- {name}: exit {rc}; its output ends:\n{_stderr_tail(log.name)}")
+  if failures:
+    pytest.fail("Worker failures:\n" + "\n".join(failures), pytrace=False)
+  print(f"3 workers in {time.time() - start:.1f} s")
+  return {name: dict(np.load(out / f"{name}.npz")) for name in commands}
+
+
+@pytest.mark.parametrize("process", ["process_0", "process_1"])
+def test_two_processes_match_one(runs, process):
+  ref, got = runs["reference"], runs[process]
+  assert set(got) == set(ref)
+  assert len(ref["reward/loss"]) == 2 and ref["reward/loss"][0] != ref["reward/loss"][1]
+  np.testing.assert_allclose(got["reward/loss"], ref["reward/loss"], rtol=1e-5)
+  # The same rollout (noise drawn for the global batch, sharding-invariant) ...
+  np.testing.assert_allclose(got["grpo/latents"], ref["grpo/latents"], rtol=1e-5, atol=1e-5)
+  for name in ("grpo/loss", "grpo/grad_norm", "grpo/kl"):
+    np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-8, err_msg=name)
+  # ... and the same updates. Adam's first step is ~lr * sign(g): where g ~ 0 the sign is rounding
+  # noise, hence atol at 1% of the GRPO lr (as grpo_train_test's sharded-step check).
+  params = [k for k in ref if "/params" in k]
+  assert any(k.startswith("reward/") for k in params) and any(k.startswith("grpo/") for k in params)
+  for name in params:
+    np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=3e-6, err_msg=name)
