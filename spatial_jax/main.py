@@ -51,6 +51,10 @@ def main(argv):
 
   from spatial_jax import metrics, registry
 
+  if _CONFIG.value.job == "plan":  # Its fake CPU devices must exist before the backend starts.
+    from spatial_jax import plan
+
+    plan.configure_devices(_CONFIG.value)
   reason = multiprocess_reason()
   if reason:
     logging.info("Multi-process environment (%s): jax.distributed.initialize()", reason)

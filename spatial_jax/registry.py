@@ -22,6 +22,7 @@ JOBS: dict[str, str] = {
   "sample": "spatial_jax.diffusion.sample_job:run",
   "quickstart": "spatial_jax.quickstart:run",
   "pairs_generate": "spatial_jax.data.pairs_generate:run",
+  "plan": "spatial_jax.plan:run",
 }
 
 

@@ -1,0 +1,444 @@
+"""Job `plan`: will a full-size configuration fit, before a cluster is booked?
+
+For each row of `config.rows` the job loads the named experiment config (e.g.
+`configs/grpo_flux_dev.py`), applies the row's mesh, remat and overrides, builds the model
+*abstractly* (`nnx.eval_shape`: no weight is read or allocated), gives every parameter the
+NamedSharding its logical axes resolve to, and lowers and compiles the experiment's real jitted
+step (`reward.train.make_train_step`, `rl.steps.make_rollout` / `make_train_step`, jitted as the
+trainers jit them) for a mesh of fake CPU devices. It reports per device:
+
+- memory from XLA's `memory_analysis()`: arguments + outputs + temporaries - aliased (donated)
+  buffers. The CPU compiler's buffer assignment is an estimate of an accelerator's (fusion and
+  scheduling differ, cuDNN flash attention cannot be compiled here: XLA attention materialises
+  the score matrices, so attention-heavy rows are overestimates where `attention_impl="cudnn"`);
+- FLOPs: the matmul FLOPs of the step's jaxpr (`matmul_flops`), divided by the device count.
+  XLA's `cost_analysis()` counts a while-loop body once (the scanned layers, the sampler's steps,
+  the trained timesteps), so its number is recorded in plan.json only, for reference.
+
+The fake devices must exist before the JAX backend starts: `main.py` calls `configure_devices`
+for this job before anything touches a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from spatial_jax import configs_lib, lora, sharding
+
+GB = 1e9
+# (name, chips, memory per chip in GB): the targets the table answers for.
+TARGETS = (("H20", 8, 96.0), ("H100", 8, 80.0), ("v5p", 4, 95.0))
+
+
+def configure_devices(config: Any) -> None:
+  """Asks for `config.devices` fake CPU devices; must run before the JAX backend starts.
+
+  Raises:
+    RuntimeError: the backend already runs with too few devices (then set
+      XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts, or run the job
+      through `python -m spatial_jax.main`).
+  """
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", int(config.devices))
+  except RuntimeError:
+    pass  # Already started: fine when it has the devices (checked below).
+  if jax.device_count() < config.devices or jax.default_backend() != "cpu":
+    raise RuntimeError(
+      f"The plan needs {config.devices} CPU devices (config.devices) but JAX already runs with "
+      f"{jax.device_count()} {jax.default_backend()} devices. Run it as `python -m "
+      "spatial_jax.main --config configs/plan.py:NAME`, or set XLA_FLAGS="
+      f"--xla_force_host_platform_device_count={config.devices} JAX_PLATFORMS=cpu before jax starts."
+    )
+
+
+# -- Abstract state ------------------------------------------------------------------------------
+
+
+def _abstract(shape, dtype, mesh, spec=()) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(
+    shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  )
+
+
+def _batch(shape, dtype, mesh, rules, axis=0) -> jax.ShapeDtypeStruct:
+  """An abstract array with dimension `axis` split over `act_batch`, as the trainers put it."""
+  names = tuple("act_batch" if i == axis else None for i in range(len(shape)))
+  sh = sharding.named_sharding(mesh, names, rules)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+
+def abstract_split(ctor, trainable, mesh, rules):
+  """(graphdef, trainable state, frozen state) of `ctor()`'s model, every leaf a sharded
+  ShapeDtypeStruct: the model is traced with `nnx.eval_shape`, never materialised."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(ctor)
+  graphdef, *states = nnx.split(model, trainable, ...)
+
+  def shard_leaves(state):
+    shardings = sharding.state_shardings(state, mesh, rules)
+    return jax.tree.map(
+      lambda sh, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)),
+      shardings,
+      state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+  return graphdef, *(shard_leaves(s) for s in states)
+
+
+def abstract_opt_state(tx, trainable):
+  """The optimizer state as the trainers' `jax.jit(tx.init)(trainable)` lays it out (its
+  shardings come from compiling the small init; `eval_shape` alone would drop them)."""
+  init = jax.jit(tx.init)
+  shapes = jax.eval_shape(init, trainable)
+  shardings = init.lower(trainable).compile().output_shardings
+  return jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings
+  )
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _key(mesh) -> jax.ShapeDtypeStruct:
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return _abstract(key.shape, key.dtype, mesh)
+
+
+# -- The steps -----------------------------------------------------------------------------------
+
+
+def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
+  """`reward_train`'s jitted step on abstract SpatialScore state and a batch of pairs."""
+  from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, ModelInputs, Qwen25VLModel, vision
+  from spatial_jax.models.qwen25vl.processor import ImageProcessor
+  from spatial_jax.reward import build
+  from spatial_jax.reward import train as reward_train
+  from spatial_jax.reward.model import SpatialScoreModel, trainable_filter
+
+  m = config.model
+  bconfig = build.backbone_config(config)
+
+  def ctor():  # build.build's model, without the weights.
+    backbone = Qwen25VLModel(bconfig, rngs=nnx.Rngs(0))
+    if m.trainable == "lora":
+      targets = list(m.lora_targets or DEFAULT_LORA_TARGETS)
+      lora.apply_lora(backbone, rank=m.lora_rank, alpha=m.lora_alpha, targets=targets,
+                      rngs=nnx.Rngs(1))  # fmt: skip
+    # The `<reward>` id only selects a position; its value does not change any shape.
+    reward_id = bconfig.text.vocab_size - 1
+    return SpatialScoreModel(backbone, reward_token_id=reward_id, head_hidden=m.head_hidden,
+                             rngs=nnx.Rngs(2))  # fmt: skip
+
+  graphdef, trainable, frozen = abstract_split(ctor, trainable_filter(m.trainable), mesh, rules)
+  tx = reward_train.make_optimizer(config)
+  opt_state = abstract_opt_state(tx, trainable)
+
+  # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs).
+  v = bconfig.vision
+  seqs, length = 2 * config.train.batch_size, config.data.max_length
+  side = config.data.image_size
+  h, w = ImageProcessor.from_config(v).resized_size(side, side)  # As build.build's processor.
+  grid = np.tile([[1, h // v.patch_size, w // v.patch_size]], (seqs, 1))
+  meta = vision.vision_metadata(grid, v)  # Host-side index arrays (no pixels needed).
+  replicated = lambda x: _abstract(np.shape(x), np.asarray(x).dtype, mesh)  # noqa: E731
+  inputs = ModelInputs(
+    input_ids=_batch((seqs, length), jnp.int32, mesh, rules),
+    attention_mask=_batch((seqs, length), jnp.int32, mesh, rules),
+    position_ids=_batch((3, seqs, length), jnp.int32, mesh, rules, axis=1),
+    pixel_values=_batch((meta.num_patches, v.patch_dim), jnp.float32, mesh, rules),
+    vision_meta=jax.tree.map(replicated, meta),
+  )
+  trainable_sh = sharding.state_shardings(trainable, mesh, rules)
+  step = reward_train.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
+  fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, None))
+  args = (trainable, opt_state, frozen, inputs, _abstract((), jnp.int32, mesh))
+  shape = f"{config.train.batch_size} pairs: {seqs} x {length} tok, {side}px"
+  return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
+
+
+def _flux_policy(config: Any, row: Any, mesh, rules):
+  """The GRPO policy (FLUX + LoRA) of `config`, abstract; the text encoders, VAE and reward
+  are not part of the rollout or train step (the prompt embeddings are inputs)."""
+  from spatial_jax.diffusion.generator import Geometry
+  from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids
+  from spatial_jax.diffusion.sft_job import runtime_kwargs
+  from spatial_jax.models.flux import FluxConfig, FluxTransformer
+  from spatial_jax.models.flux import params as flux_params
+  from spatial_jax.rl.policy import Policy
+
+  presets = {"flux1_dev": FluxConfig.flux1_dev, "tiny": FluxConfig.tiny}
+  if row.flux not in presets:
+    raise ValueError(f"Unknown row flux={row.flux!r}; known: {sorted(presets)}.")
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in row.flux_overrides.items()}
+  flux_config = presets[row.flux](**overrides, **runtime_kwargs(config))
+  if config.sampling.cfg_scale not in (1.0, -1.0):  # rl.policy: negative -> 1.0 for FLUX.
+    raise NotImplementedError("The plan covers guidance-distilled FLUX (sampling.cfg_scale=1).")
+  c = config.lora
+
+  def ctor():  # rl.policy's transformer + LoRA, without the weights.
+    model = FluxTransformer(flux_config, rngs=nnx.Rngs(config.seed))
+    targets = list(c.targets) or list(flux_params.lora_targets(c.single_mlp))
+    lora.apply_lora(model, rank=c.rank, alpha=c.alpha, targets=targets, rngs=nnx.Rngs(0))
+    return model
+
+  graphdef, trainable, frozen = abstract_split(ctor, nnx.LoRAParam, mesh, rules)
+  size = int(config.data.image_size)
+  lh, lw = latent_size(size, size, row.vae_scale_factor)
+  length = config.model.max_sequence_length
+  geo = Geometry((size, size), (lh, lw), image_ids(lh // 2, lw // 2), text_ids(length))
+  policy = Policy(
+    transformer=nnx.merge(graphdef, trainable, frozen),
+    encode=None,
+    decode=None,
+    geo=geo,
+    guidance=float(config.sampling.guidance),
+    cfg_scale=1.0,
+    negative=None,
+    source="plan (abstract)",
+  )
+  return graphdef, trainable, frozen, policy, flux_config
+
+
+def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
+  """`grpo`'s jitted rollout (`row.step == "grpo_rollout"`) or train step (`"grpo_train"`)."""
+  from spatial_jax.diffusion.schedule import FlowMatchSchedule
+  from spatial_jax.diffusion.sft_job import batch_shard_count
+  from spatial_jax.rl import steps as steps_lib
+  from spatial_jax.rl import train as grpo_train
+
+  grpo_train.check_config(config, batch_shard_count(mesh, rules))
+  graphdef, trainable, frozen, policy, fc = _flux_policy(config, row, mesh, rules)
+  g, steps = config.grpo, config.sampling.num_steps
+  tokens, channels = policy.latent_shape
+  sigmas = jnp.asarray(FlowMatchSchedule().sigmas(steps, tokens))
+  length, dtype = config.model.max_sequence_length, jnp.dtype(config.model.dtype)
+  size = config.data.image_size
+
+  def embeds(b):
+    return (_batch((b, length, fc.joint_attention_dim), dtype, mesh, rules),
+            _batch((b, fc.pooled_projection_dim), dtype, mesh, rules))  # fmt: skip
+
+  if row.step == "grpo_rollout":
+    b = g.prompts_per_step * g.group_size  # The loop's one rollout call.
+    fn = jax.jit(steps_lib.make_rollout(graphdef, policy, sigmas, config))
+    args = (trainable, frozen, *embeds(b), _key(mesh))
+    shape = f"{b} samples, {size}px, {steps} steps"
+  else:
+    kept = g.group_size if g.topk is None else 2 * g.topk
+    b = g.prompts_per_step * kept // config.train.num_minibatches
+    timesteps = steps_lib.trained_timesteps(config, steps)
+    tx = steps_lib.make_optimizer(config)
+    step = steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config)
+    trainable_sh = sharding.state_shardings(trainable, mesh, rules)
+    fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, None))
+    prompt_embeds, pooled = embeds(b)
+    batch = dict(
+      latents=_batch((steps + 1, b, tokens, channels), jnp.float32, mesh, rules, axis=1),
+      log_probs=_batch((steps, b), jnp.float32, mesh, rules, axis=1),
+      advantages=_batch((b,), jnp.float32, mesh, rules),
+      mask=_batch((b,), jnp.bool_, mesh, rules),
+      prompt_embeds=prompt_embeds,
+      pooled=pooled,
+    )
+    args = (trainable, abstract_opt_state(tx, trainable), frozen, batch)
+    shape = f"{b} samples, {size}px, {len(timesteps)} timesteps"
+  return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
+
+
+# -- Measuring -----------------------------------------------------------------------------------
+
+
+def _subjaxprs(eqn) -> list[list[Any]]:
+  """The jaxprs inside `eqn` as alternatives: a list per branch of a `cond`, else one list."""
+  found = []
+  for value in eqn.params.values():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    jaxprs = [getattr(v, "jaxpr", v) for v in values]
+    jaxprs = [j for j in jaxprs if hasattr(j, "eqns")]
+    if jaxprs:
+      found.append(jaxprs)
+  return found
+
+
+def matmul_flops(jaxpr) -> float:
+  """2 * M * N * K summed over every `dot_general` of a (closed) jaxpr, scan bodies multiplied
+  by their length (a `cond` counts its costliest branch; a while loop's body once).
+
+  XLA's `cost_analysis()` and `jax.experimental.roofline` count a loop body once, which for
+  scanned layers, sampler steps and trained timesteps undercounts by 10-500x. Matmuls (the
+  projections and the attention einsums) are > 95% of these models' FLOPs; the backward pass and
+  remat's recomputation are explicit in the jaxpr of a step and counted.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs = eqn.invars[0].aval
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      k = np.prod([lhs.shape[d] for d in contracting])
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
+      continue
+    subs = _subjaxprs(eqn)
+    if not subs:
+      continue
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    if eqn.primitive.name == "cond":
+      total += max(matmul_flops(branch) for group in subs for branch in group)
+    else:
+      total += repeat * sum(matmul_flops(j) for group in subs for j in group)
+  return total
+
+
+# -- Measuring -----------------------------------------------------------------------------------
+
+
+def experiment_config(row: Any):
+  """The row's experiment config with its mesh, remat and `set` overrides (locked: a
+  misspelled override fails)."""
+  path, _, arg = row.experiment.partition(":")
+  config = configs_lib.load_config(path, arg or None)
+  config.lock()
+  config.mesh = [list(axis) for axis in row.mesh]
+  if row.step == "reward_train":
+    if row.remat not in ("none", "full"):
+      raise ValueError(
+        f"Row {row.name!r}: Qwen2.5-VL remat is 'none' or 'full', not {row.remat!r}."
+      )
+    config.model.remat = row.remat == "full"
+  else:
+    config.model.remat = row.remat
+  for key, value in row.set:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = getattr(node, part)
+    setattr(node, leaf, tuple(value) if isinstance(value, list) else value)
+  return config
+
+
+def measure(row: Any, headroom: float = 0.9) -> dict[str, Any]:
+  """Lowers and compiles one row's step; returns its memory, FLOPs and timings."""
+  programs = {"reward_train": None, "grpo_rollout": None, "grpo_train": None}
+  if row.step not in programs:
+    raise ValueError(f"Row {row.name!r}: unknown step {row.step!r}; known: {sorted(programs)}.")
+  config = experiment_config(row)
+  devices = jax.devices()[: row.devices]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.resolve_rules(config.sharding_rules)
+  start = time.perf_counter()
+  with sharding.use_mesh(mesh, rules):
+    if row.step == "reward_train":
+      program = reward_train_program(config, mesh, rules)
+    else:
+      program = grpo_program(config, row, mesh, rules)
+    lowered = program["fn"].lower(*program["args"])
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    flops = matmul_flops(jax.make_jaxpr(program["fn"])(*program["args"]))
+  mem = compiled.memory_analysis()
+  xla_cost = compiled.cost_analysis() or {}
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  result = dict(
+    name=row.name,
+    step=row.step,
+    shape=program["shape"],
+    mesh="x".join(f"{name}{size}" for name, size in mesh.shape.items() if size > 1) or "1",
+    devices=row.devices,
+    remat=str(row.remat),
+    dtype=str(config.model.dtype),
+    trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program["trainable"])),
+    frozen_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program["frozen"])),
+    param_bytes=_nbytes((program["trainable"], program["frozen"])),
+    argument_gb=mem.argument_size_in_bytes / GB,
+    output_gb=mem.output_size_in_bytes / GB,
+    temp_gb=mem.temp_size_in_bytes / GB,
+    alias_gb=mem.alias_size_in_bytes / GB,
+    total_gb=total / GB,
+    tflops_per_device=flops / row.devices / 1e12,
+    xla_cost_analysis_flops=float(xla_cost.get("flops", -1.0)),
+    lower_s=round(lowered_at - start, 1),
+    compile_s=round(compiled_at - lowered_at, 1),
+  )
+  result["fits"] = {
+    name: (total / GB <= capacity * headroom if chips == row.devices else None)
+    for name, chips, capacity in TARGETS
+  }
+  return result
+
+
+# -- Report --------------------------------------------------------------------------------------
+
+COLUMNS = ("row", "step", "batch / resolution", "mesh", "remat", "args GB", "temp GB",
+           "total GB", "TFLOP/dev", *(name for name, _, _ in TARGETS), "compile s")  # fmt: skip
+
+
+def _cells(r: dict[str, Any]) -> tuple[str, ...]:
+  if "error" in r:
+    return (r["name"], r["step"], "error: " + r["error"][:80], *[""] * (len(COLUMNS) - 3))
+  fits = ("-" if r["fits"][name] is None else "yes" if r["fits"][name] else "no"
+          for name, _, _ in TARGETS)  # fmt: skip
+  return (r["name"], r["step"], r["shape"], r["mesh"], r["remat"], f"{r['argument_gb']:.2f}",
+          f"{r['temp_gb']:.2f}", f"{r['total_gb']:.2f}", f"{r['tflops_per_device']:.1f}", *fits,
+          f"{r['compile_s']:.0f}")  # fmt: skip
+
+
+def table(results: list[dict[str, Any]]) -> str:
+  """The per-device table as GitHub markdown."""
+  rows = [_cells(r) for r in results]
+  widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows, strict=True)]
+
+  def line(cells):
+    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+  return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def run(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """Measures every row of `config.rows`; prints the table, writes plan.json and plan.md."""
+  import ml_collections
+
+  configure_devices(config)
+  results = []
+  for row in [ml_collections.ConfigDict(dict(r)) for r in config.rows]:
+    logging.info("plan: %s (%s on %d devices)", row.name, row.step, row.devices)
+    try:
+      results.append(measure(row, config.headroom))
+    except Exception as e:  # noqa: BLE001  A row that cannot compile is a finding, not a crash.
+      if config.fail_fast:
+        raise
+      logging.exception("plan: %s failed", row.name)
+      results.append(dict(name=row.name, step=row.step, error=f"{type(e).__name__}: {e}"))
+    logging.info("plan: %s", json.dumps(results[-1]))
+  capacities = ", ".join(f"{n} = {c} x {m:g} GB" for n, c, m in TARGETS)
+  notes = (
+    f"Per-device memory of XLA's CPU compile for the mesh ({capacities}); 'fits' means total <= "
+    f"{config.headroom:.0%} of one chip's memory; '-': a row on another device count. "
+    "TFLOP/dev: matmul FLOPs of one step (backward and remat recomputation included) / devices."
+  )
+  text = f"## plan: {config.plan}\n\n{table(results)}\n\n{notes}\n"
+  print(text, flush=True)
+  logging.info("\n%s", text)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "plan.json"), "w") as f:
+    json.dump(dict(plan=config.plan, rows=results, notes=notes), f, indent=2)
+  with open(os.path.join(workdir, "plan.md"), "w") as f:
+    f.write(text)
+  return results
