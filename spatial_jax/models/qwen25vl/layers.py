@@ -32,15 +32,20 @@ def linear(
   dtype: str,
   param_dtype: str,
   rngs: nnx.Rngs,
+  init_std: float,
 ) -> nnx.Linear:
-  """An `nnx.Linear` whose kernel (in, out) and bias carry logical axis names."""
+  """An `nnx.Linear` whose kernel (in, out) and bias carry logical axis names.
+
+  The kernel is drawn from N(0, init_std^2) (the config's `initializer_range`), as transformers
+  initialises it; the bias starts at 0.
+  """
   return nnx.Linear(
     in_features,
     out_features,
     use_bias=use_bias,
     dtype=dtype_of(dtype),
     param_dtype=dtype_of(param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), names),
+    kernel_init=nnx.with_partitioning(nnx.initializers.normal(init_std), names),
     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
     rngs=rngs,
   )
@@ -81,8 +86,9 @@ class GatedMLP(nnx.Module):
     dtype: str,
     param_dtype: str,
     rngs: nnx.Rngs,
+    init_std: float,
   ):
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=init_std)
     self.gate_proj = linear(dim, hidden, ("embed", "mlp"), **kw)
     self.up_proj = linear(dim, hidden, ("embed", "mlp"), **kw)
     self.down_proj = linear(hidden, dim, ("mlp", "embed"), **kw)

@@ -61,6 +61,7 @@ class Qwen25VLModel(nnx.Module):
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         rngs=rngs,
+        init_std=config.text.initializer_range,
       )
 
   # -- Host-side preparation -------------------------------------------------------------------

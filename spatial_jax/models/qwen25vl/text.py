@@ -72,7 +72,12 @@ class Attention(nnx.Module):
     self.num_heads = text.num_attention_heads
     self.num_kv_heads = text.num_key_value_heads
     head_dim = text.head_dim
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
+      init_std=cfg.text.initializer_range,
+    )
     dim = text.hidden_size
     self.q_proj = linear(dim, self.num_heads * head_dim, ("embed", "heads"), use_bias=True, **kw)
     self.k_proj = linear(
@@ -119,6 +124,7 @@ class DecoderLayer(nnx.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       rngs=rngs,
+      init_std=text.initializer_range,
     )
 
   def __call__(
@@ -168,7 +174,9 @@ class TextModel(nnx.Module):
       text.hidden_size,
       dtype=dtype_of(cfg.dtype),
       param_dtype=dtype_of(cfg.param_dtype),
-      embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+      embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(text.initializer_range), ("vocab", "embed")
+      ),
       rngs=rngs,
     )
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(text.num_hidden_layers)])

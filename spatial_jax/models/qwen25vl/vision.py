@@ -217,6 +217,7 @@ class PatchEmbed(nnx.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       rngs=rngs,
+      init_std=v.initializer_range,
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -228,7 +229,13 @@ class VisionAttention(nnx.Module):
 
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
-    kw = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(
+      use_bias=True,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
+      init_std=cfg.vision.initializer_range,
+    )
     self.qkv = linear(v.hidden_size, 3 * v.hidden_size, ("embed", "heads"), **kw)
     self.proj = linear(v.hidden_size, v.hidden_size, ("heads", "embed"), **kw)
     self.num_heads = v.num_heads
@@ -266,6 +273,7 @@ class VisionBlock(nnx.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       rngs=rngs,
+      init_std=v.initializer_range,
     )
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
@@ -280,7 +288,13 @@ class PatchMerger(nnx.Module):
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
     width = v.hidden_size * v.merge_unit
-    kw = dict(use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(
+      use_bias=True,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
+      init_std=cfg.vision.initializer_range,
+    )
     self.ln_q = RMSNorm(v.hidden_size, eps=v.rms_norm_eps, param_dtype=cfg.param_dtype)
     self.mlp_0 = linear(width, width, ("embed", "mlp"), **kw)
     self.mlp_2 = linear(width, v.out_hidden_size, ("mlp", "embed"), **kw)

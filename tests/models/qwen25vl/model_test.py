@@ -1,5 +1,6 @@
 """Whole-model parity with transformers' Qwen2_5_VLForConditionalGeneration, loading, sharding."""
 
+import dataclasses
 import json
 import os
 import re
@@ -207,3 +208,33 @@ def test_default_lora_targets_and_logical_names():
   # Every parameter, adapters included, carries logical axis names.
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     assert sharding.variable_names(variable) is not None, path
+
+
+def test_initializer_range_sets_the_init_std_and_is_read_from_hf():
+  hf = R.hf_config(tie=False).to_dict()
+  hf["vision_config"]["initializer_range"] = 0.3
+  hf.setdefault("text_config", {})["initializer_range"] = 0.05
+  hf["initializer_range"] = 0.05  # transformers 4.x keeps text fields at the top level.
+  config = Qwen25VLConfig.from_hf_config(hf)
+  assert (config.vision.initializer_range, config.text.initializer_range) == (0.3, 0.05)
+
+  tiny = Qwen25VLConfig.tiny()
+  config = tiny.replace(
+    # Wide enough for each kernel's sample std to be within a few percent of the init std.
+    vision=dataclasses.replace(tiny.vision, hidden_size=64, initializer_range=0.3),
+    text=dataclasses.replace(tiny.text, tie_word_embeddings=False, initializer_range=0.1),
+  )
+  with nnx.use_eager_sharding(False):
+    model = Qwen25VLModel(config, rngs=nnx.Rngs(0))
+  vision, text = model.visual, model.language_model
+  for name, param, want in [
+    ("patch_embed", vision.patch_embed.proj.kernel, 0.3),
+    ("vision_qkv", vision.blocks[0].attn.qkv.kernel, 0.3),
+    ("vision_mlp", vision.blocks[0].mlp.up_proj.kernel, 0.3),
+    ("merger", vision.merger.mlp_0.kernel, 0.3),
+    ("text_q", text.layers[0].self_attn.q_proj.kernel, 0.1),
+    ("text_mlp", text.layers[0].mlp.down_proj.kernel, 0.1),
+    ("embed", text.embed_tokens.embedding, 0.1),
+    ("lm_head", model.lm_head.kernel, 0.1),
+  ]:
+    np.testing.assert_allclose(float(param[...].std()), want, rtol=0.1, err_msg=name)
