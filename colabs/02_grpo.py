@@ -49,7 +49,9 @@ print(f"SMOKE={SMOKE}, generator {GENERATOR or 'random tiny'}")
 # ## Install
 #
 # In a clone: `pip install -e .`; in Colab, run
-# `!git clone <repository URL> spatial_jax && pip install -e spatial_jax` first.
+# `!git clone <repository URL> spatial_jax && pip install -e spatial_jax` and then
+# `%cd spatial_jax` first (the repository root: `configs/` is read from there, and the package
+# imports from it without restarting the runtime).
 
 # %%
 try:
@@ -57,7 +59,8 @@ try:
 except ImportError:
   print(
     "spatial_jax is not installed. From a clone of the repository run `pip install -e .`; "
-    "in Colab: `!git clone <repository URL> spatial_jax && pip install -e spatial_jax`."
+    "in Colab: `!git clone <repository URL> spatial_jax && pip install -e spatial_jax`, then "
+    "`%cd spatial_jax`."
   )
   raise
 print("spatial_jax from", os.path.dirname(spatial_jax.__file__))

@@ -1,15 +1,19 @@
 #!/bin/bash
 # Runs the same spatial_jax command on every worker of a Cloud TPU pod (a TPU VM slice).
 #
-#   launch/tpu_pod.sh my-v5p-64 us-east5-a configs/grpo_flux_dev.py gs://my-bucket/grpo
-#   launch/tpu_pod.sh --dry-run my-v5p-64 us-east5-a configs/reward_synthetic.py:smoke gs://b/r
+#   launch/tpu_pod.sh my-v5p-64 us-east5-a configs/reward_qwen25vl_7b.py /mnt/gcs/reward \
+#       --config.model.pretrained=/mnt/gcs/Qwen2.5-VL-7B-Instruct --config.data.pairs=/mnt/gcs/pairs
+#   launch/tpu_pod.sh --dry-run my-v5p-64 us-east5-a configs/reward_synthetic.py:smoke /mnt/gcs/r
 #
 # Every worker runs `python -m spatial_jax.main --config CONFIG --workdir WORKDIR` at once, with
 # SPATIAL_JAX_DISTRIBUTED=1 so that main.py calls jax.distributed.initialize(), which finds the
 # pod's coordinator and this worker's rank by itself on TPU VMs. The repository (and its venv)
 # must already be at the same path on every worker (REMOTE_ROOT, default ~/spatial_jax), e.g.
 #   gcloud compute tpus tpu-vm scp --recurse . my-v5p-64:spatial_jax --zone us-east5-a --worker=all
-# The workdir should be a gs:// path (one place all workers write checkpoints to).
+# The repository's venv must be made on the workers (jax[tpu]; a venv from another machine has
+# its jax and interpreter paths). The workdir must be one folder every worker sees at the same
+# path: a bucket mounted with gcsfuse (or a Filestore share). gs:// URLs are refused: the jobs
+# write their pairs, jsons and plots with plain file APIs (only the checkpoints speak gs://).
 #
 # Environment: PROJECT (gcloud project, default: gcloud's), REMOTE_ROOT, REMOTE_PYTHON (default
 # REMOTE_ROOT/.venv/bin/python), DISTRIBUTED=0 for a single-host slice.
@@ -41,8 +45,8 @@ shift 4
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG_FILE=${CONFIG%%:*}
 [[ -f "$ROOT/$CONFIG_FILE" ]] || die "config file $CONFIG_FILE not found in $ROOT (give it relative to the repository root)."
-if [[ "$WORKDIR" != gs://* ]]; then
-  echo "tpu_pod.sh: warning: WORKDIR $WORKDIR is not gs://: each worker would write to its own disk." >&2
+if [[ "$WORKDIR" == gs://* ]]; then
+  die "WORKDIR $WORKDIR: gs:// URLs are not supported (pairs, jsons and plots use plain file APIs); mount the bucket with gcsfuse at the same path on every worker and pass that path."
 fi
 
 REMOTE_ROOT=${REMOTE_ROOT:-'~/spatial_jax'}

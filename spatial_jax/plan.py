@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -47,9 +48,14 @@ def configure_devices(config: Any) -> None:
       XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts, or run the job
       through `python -m spatial_jax.main`).
   """
+  forced = re.search(
+    r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
+  )
   try:
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", int(config.devices))
+    # Only ever more devices: a process (e.g. a test session) that asked for more keeps them.
+    if not forced or int(forced.group(1)) < config.devices:
+      jax.config.update("jax_num_cpu_devices", int(config.devices))
   except RuntimeError:
     pass  # Already started: fine when it has the devices (checked below).
   if jax.device_count() < config.devices or jax.default_backend() != "cpu":
@@ -162,7 +168,8 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
   )
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   step = reward_train.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
-  fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, None))
+  replicated_metrics = sharding.named_sharding(mesh, (), rules)  # As reward.train.run jits it.
+  fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, replicated_metrics))
   args = (trainable, opt_state, frozen, inputs, _abstract((), jnp.int32, mesh))
   shape = f"{config.train.batch_size} pairs: {seqs} x {length} tok, {side}px"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
@@ -301,7 +308,7 @@ def matmul_flops(jaxpr) -> float:
   return total
 
 
-# -- Measuring -----------------------------------------------------------------------------------
+# -- Rows -----------------------------------------------------------------------------------
 
 
 def experiment_config(row: Any):

@@ -55,12 +55,14 @@ def test_slurm_script_names_what_is_missing(tmp_path):
 
 
 def test_tpu_launcher_runs_the_same_command_on_every_worker():
-  r = _run(TPU, "--dry-run", "my-pod", "us-east5-a", CONFIG, "gs://bucket/run", "--config.seed=1")
+  r = _run(TPU, "--dry-run", "my-pod", "us-east5-a", CONFIG, "/mnt/gcs/run", "--config.seed=1")
   assert r.returncode == 0, r.stderr
   assert r.stdout.startswith("gcloud compute tpus tpu-vm ssh my-pod --zone us-east5-a --worker=all")
   assert "SPATIAL_JAX_DISTRIBUTED=1" in r.stdout and "-m\\ spatial_jax.main" in r.stdout
   assert "configs/reward_synthetic.py:smoke" in r.stdout and "--config.seed=1" in r.stdout
   r = _run(TPU, "my-pod", "us-east5-a")
   assert r.returncode == 2 and "usage: launch/tpu_pod.sh" in r.stderr
-  r = _run(TPU, "my-pod", "us-east5-a", "configs/nope.py", "gs://b/r")
+  r = _run(TPU, "my-pod", "us-east5-a", "configs/nope.py", "/mnt/gcs/r")
   assert r.returncode == 1 and "config file configs/nope.py not found" in r.stderr
+  r = _run(TPU, "my-pod", "us-east5-a", CONFIG, "gs://bucket/run")
+  assert r.returncode == 1 and "gs:// URLs are not supported" in r.stderr

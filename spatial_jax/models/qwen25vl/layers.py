@@ -7,6 +7,8 @@ weight is our `[in, out]` kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -150,3 +152,18 @@ def heads_split(x: jax.Array, num_heads: int) -> jax.Array:
 def heads_merge(x: jax.Array) -> jax.Array:
   """(..., N, H) -> (..., N*H)."""
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def remat_call(module: nnx.Module, *args: Any) -> Any:
+  """`module(*args)` under `jax.checkpoint`: only the inputs are kept for the backward pass.
+
+  A pure split/merge around `jax.checkpoint` (the layers hold no mutable state) rather than
+  `nnx.remat`, which writes Variables back and fails with a TraceContextError when the module's
+  params (e.g. LoRA adapters merged inside `jax.grad`) are traced at another level.
+  """
+  graphdef, state = nnx.split(module)
+
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return jax.checkpoint(run)(state, *args)

@@ -27,6 +27,7 @@ from spatial_jax.models.qwen25vl.layers import (
   heads_merge,
   heads_split,
   linear,
+  remat_call,
 )
 from spatial_jax.sharding import shard
 
@@ -146,17 +147,9 @@ def _run_layer_remat(
 ) -> jax.Array:
   """Rematerialised `_run_layer`: the backward pass recomputes the layer's activations.
 
-  Memory O(layers * B * L * D) instead of the attention/MLP intermediates. A pure split/merge
-  around `jax.checkpoint` (as vision.py's `_remat_block`), not `nnx.remat`: nnx.remat writes
-  Variables back and fails with a TraceContextError when LoRA params are traced at another level
-  (the reward trainer's `nnx.merge` inside `jax.grad`).
+  Memory O(layers * B * L * D) instead of the attention/MLP intermediates.
   """
-  graphdef, state = nnx.split(layer)
-
-  def run(state, x, cos, sin, mask):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask)
-
-  return jax.checkpoint(run)(state, x, cos, sin, mask)
+  return remat_call(layer, x, cos, sin, mask)
 
 
 class TextModel(nnx.Module):

@@ -32,6 +32,7 @@ from spatial_jax.models.qwen25vl.layers import (
   attention,
   dtype_of,
   linear,
+  remat_call,
 )
 from spatial_jax.sharding import shard
 
@@ -306,21 +307,6 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(ACTIVATIONS["gelu"](self.mlp_0(x)))
 
 
-def _remat_block(block: VisionBlock, x, cos, sin, seg: Segments) -> jax.Array:
-  """Runs `block` under `jax.checkpoint`: only its input is kept for the backward pass.
-
-  A pure split/merge around `jax.checkpoint` (the block holds no mutable state) rather than
-  `nnx.remat`, which tries to write Variables back and fails when the module was passed
-  through an outer `jax.jit`/`jax.grad` at another trace level.
-  """
-  graphdef, state = nnx.split(block)
-
-  def run(state, x, cos, sin, seg):
-    return nnx.merge(graphdef, state)(x, cos, sin, seg)
-
-  return jax.checkpoint(run)(state, x, cos, sin, seg)
-
-
 class VisionTransformer(nnx.Module):
   """The Qwen2.5-VL vision tower: patches (N, patch_dim) -> merged tokens (N / unit, out)."""
 
@@ -367,7 +353,7 @@ class VisionTransformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       seg = meta.full if i in v.fullatt_block_indexes else meta.window
       if self.remat:
-        x = _remat_block(block, x, cos, sin, seg)
+        x = remat_call(block, x, cos, sin, seg)
       else:
         x = block(x, cos, sin, seg)
     merged = self.merger(x)[meta.reverse_index]
