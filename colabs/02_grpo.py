@@ -76,7 +76,6 @@ from flax import nnx
 from IPython.display import display
 
 from spatial_jax import configs_lib, sharding
-from spatial_jax.data.prompts import PromptSource
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
 from spatial_jax.diffusion.sft_job import batch_shard_count
@@ -137,13 +136,7 @@ count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
 print(f"{policy.source}: {count(trainable):,} LoRA params on {count(frozen):,} frozen ones")
 
 reward_fns = rewards_lib.make_rewards(config, mesh)
-prompts = PromptSource(
-  seed=config.seed,
-  train_file=config.data.prompts,
-  eval_file=config.data.eval_prompts,
-  num_eval=config.eval.num_prompts,
-  grammar=dict(config.data.synthetic),
-)
+prompts = grpo_train.prompt_source(config)
 print("rewards:", list(reward_fns), "| trained on:", config.reward.train_on)
 
 # %% [markdown]

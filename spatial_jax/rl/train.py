@@ -67,6 +67,17 @@ def check_config(config: Any, batch_shards: int) -> None:
     )
 
 
+def prompt_source(config: Any) -> PromptSource:
+  """Training prompts by step and the held-out evaluation prompts of a grpo config."""
+  return PromptSource(
+    seed=config.seed,
+    train_file=config.data.prompts,
+    eval_file=config.data.eval_prompts,
+    num_eval=config.eval.num_prompts,
+    grammar=dict(config.data.synthetic),
+  )
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates, checkpoints, exports; returns the summary (also in summary.json)."""
   if jax.process_count() > 1:
@@ -100,13 +111,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     _count(frozen) / 1e6,
   )
   reward_fns = rewards_lib.make_rewards(config, mesh)
-  prompts = PromptSource(
-    seed=config.seed,
-    train_file=config.data.prompts,
-    eval_file=config.data.eval_prompts,
-    num_eval=config.eval.num_prompts,
-    grammar=dict(config.data.synthetic),
-  )
+  prompts = prompt_source(config)
 
   # -- Phases --------------------------------------------------------------------------------
   schedule = FlowMatchSchedule()

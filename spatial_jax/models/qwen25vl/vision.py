@@ -18,6 +18,8 @@ Attribute names follow the HF modules, so an HF `[out, in]` weight is our `[in, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,21 +207,24 @@ def vision_rotary(position_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array
   return jnp.cos(freqs), jnp.sin(freqs)
 
 
+def _linear_kwargs(cfg: Qwen25VLConfig, rngs: nnx.Rngs) -> dict[str, Any]:
+  """What every vision-tower linear shares: biases, dtypes and the config's init std."""
+  return dict(
+    use_bias=True,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
+    init_std=cfg.vision.initializer_range,
+  )
+
+
 class PatchEmbed(nnx.Module):
   """Conv3d with stride == kernel == one patch, i.e. a matmul over (C, T, P, P) patch rows."""
 
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
-    self.proj = linear(
-      v.patch_dim,
-      v.hidden_size,
-      ("conv_in", "embed"),
-      use_bias=False,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
-      init_std=v.initializer_range,
-    )
+    kw = _linear_kwargs(cfg, rngs) | dict(use_bias=False)  # Conv3d(bias=False).
+    self.proj = linear(v.patch_dim, v.hidden_size, ("conv_in", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
@@ -230,13 +235,7 @@ class VisionAttention(nnx.Module):
 
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
-    kw = dict(
-      use_bias=True,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
-      init_std=cfg.vision.initializer_range,
-    )
+    kw = _linear_kwargs(cfg, rngs)
     self.qkv = linear(v.hidden_size, 3 * v.hidden_size, ("embed", "heads"), **kw)
     self.proj = linear(v.hidden_size, v.hidden_size, ("heads", "embed"), **kw)
     self.num_heads = v.num_heads
@@ -270,11 +269,7 @@ class VisionBlock(nnx.Module):
       v.hidden_size,
       v.intermediate_size,
       act=v.hidden_act,
-      use_bias=True,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
-      init_std=v.initializer_range,
+      **_linear_kwargs(cfg, rngs),
     )
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
@@ -289,13 +284,7 @@ class PatchMerger(nnx.Module):
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
     width = v.hidden_size * v.merge_unit
-    kw = dict(
-      use_bias=True,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
-      init_std=cfg.vision.initializer_range,
-    )
+    kw = _linear_kwargs(cfg, rngs)
     self.ln_q = RMSNorm(v.hidden_size, eps=v.rms_norm_eps, param_dtype=cfg.param_dtype)
     self.mlp_0 = linear(width, width, ("embed", "mlp"), **kw)
     self.mlp_2 = linear(width, v.out_hidden_size, ("mlp", "embed"), **kw)
