@@ -39,6 +39,9 @@ def get_config(arg=None):
   config.train.update(
     dict(steps=5000, batch_size=32, lr=2e-6, warmup_steps=250, checkpoint_every=500)
   )
+  # The paper trains on (chosen, rejected) under the prompt alone; the synthetic world's
+  # colour grounding needs one token per colour word, which Qwen's tokenizer does not give.
+  config.train.update(dict(perturbed_pairs=False, grounding_weight=0.0))
   config.eval.update(dict(batch_size=16, max_pairs=2000))
   config.log_every_steps = 10
   config.eval_every_steps = 500

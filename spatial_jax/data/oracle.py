@@ -47,10 +47,13 @@ class OracleResult:
   sizes: tuple[float, ...]
 
 
-def _as_rgb255(image: np.ndarray) -> np.ndarray:
+def _as_rgb255(image: np.ndarray, *, batched: bool = False) -> np.ndarray:
   image = np.asarray(image)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"Expected an RGB image of shape (H, W, 3), got shape {image.shape}.")
+  if image.ndim != 3 + batched or image.shape[-1] != 3:
+    raise ValueError(
+      f"Expected an RGB image of shape {'(N, H, W, 3)' if batched else '(H, W, 3)'}, got shape "
+      f"{image.shape}."
+    )
   if np.issubdtype(image.dtype, np.floating):
     # Floats are taken as [0, 1] (what image models emit after denormalisation).
     return np.clip(image, 0.0, 1.0).astype(np.float32) * 255.0
@@ -58,9 +61,12 @@ def _as_rgb255(image: np.ndarray) -> np.ndarray:
 
 
 def color_labels(image: np.ndarray) -> np.ndarray:
-  """Per pixel, the index into `scenes.COLORS` of its palette colour, or -1 (background)."""
-  rgb = _as_rgb255(image)
-  squared = ((rgb[:, :, None, :] - _PALETTE) ** 2).sum(axis=-1)  # (H, W, colours)
+  """Per pixel, the index into `scenes.COLORS` of its palette colour, or -1 (background).
+
+  `image` is (H, W, 3) or a batch (N, H, W, 3); the labels have its shape without channels.
+  """
+  rgb = _as_rgb255(image, batched=np.ndim(image) == 4)
+  squared = ((rgb[..., None, :] - _PALETTE) ** 2).sum(axis=-1)  # (..., H, W, colours)
   nearest = squared.argmin(axis=-1)
   close = squared.min(axis=-1) < COLOR_TOLERANCE**2
   return np.where(close, nearest, -1)

@@ -121,6 +121,7 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
       backbone,
       reward_token_id=reward_id,
       head_hidden=config.model.head_hidden,
+      grounding=config.train.get("grounding_weight", 0.0) > 0,
       rngs=nnx.Rngs(seed + 2),
     )
 

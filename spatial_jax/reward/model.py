@@ -71,6 +71,7 @@ class SpatialScoreModel(nnx.Module):
     *,
     reward_token_id: int,
     head_hidden: int = 1024,
+    grounding: bool = False,
     rngs: nnx.Rngs,
   ):
     self.backbone = backbone
@@ -83,8 +84,27 @@ class SpatialScoreModel(nnx.Module):
       nnx.with_partitioning(lambda *_: init, ("embed",))(None, (hidden,), jnp.float32)
     )
     self.head = RewardHead(hidden, head_hidden, rngs=rngs)
+    # Training only: the colour-grounding auxiliary's (x, y) readout (reward.grounding).
+    self.grounding_head = (
+      nnx.Linear(
+        hidden,
+        2,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)),
+        rngs=rngs,
+      )
+      if grounding
+      else None
+    )
 
   def __call__(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
+    mu, sigma, _ = self.forward(inputs)
+    return mu, sigma
+
+  def forward(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mu, sigma, the decoder's last hidden states (N, L, hidden))."""
     backbone = self.backbone
     embeds = backbone.embed_inputs(inputs)
     is_reward = inputs.input_ids == self.reward_token_id
@@ -95,12 +115,17 @@ class SpatialScoreModel(nnx.Module):
     length = is_reward.shape[1]
     last = length - 1 - jnp.argmax(is_reward[:, ::-1], axis=1)
     pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return self.head(pooled)
+    mu, sigma = self.head(pooled)
+    return mu, sigma, hidden
 
 
 def trainable_filter(mode: str) -> nnx.filterlib.Filter:
   """What the optimizer updates: `lora` (adapters + head + reward token) or `all`."""
-  head_and_token = nnx.Any(nnx.PathContains("head"), nnx.PathContains("reward_embedding"))
+  head_and_token = nnx.Any(
+    nnx.PathContains("head"),
+    nnx.PathContains("grounding_head"),
+    nnx.PathContains("reward_embedding"),
+  )
   if mode == "lora":
     return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, head_and_token))
   if mode == "all":

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
+from flax import nnx, struct
 
 from spatial_jax import checkpoint, metrics, sharding
 from spatial_jax.data import loader as pair_loader
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.models.qwen25vl import ModelInputs, vision
-from spatial_jax.reward import build, evaluate, losses
+from spatial_jax.reward import build, evaluate, grounding, losses
 from spatial_jax.reward.model import trainable_filter
 
 
@@ -50,17 +50,46 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   return tx
 
 
-def pair_inputs(preparer, batch: dict[str, np.ndarray]) -> ModelInputs:
-  """One batch of 2B sequences, the pairs interleaved: chosen_0, rejected_0, chosen_1, ...
+def pair_inputs(preparer, batch: dict[str, np.ndarray], *, perturbed: bool = False) -> ModelInputs:
+  """One batch of sequences, each pair's rows together: chosen_0, rejected_0, chosen_1, ...
 
-  Interleaved (not all chosen, then all rejected) so that any contiguous block of rows holds
-  whole pairs: each process's slice of a global batch is then its own loader batch.
+  Pairs together (not all chosen, then all rejected) so that any contiguous block of rows holds
+  whole pairs: each process's slice of a global batch is then its own loader batch. With
+  `perturbed`, each pair adds its two images under the perturbed prompt, four rows per pair:
+  (chosen, prompt), (rejected, prompt), (chosen, perturbed), (rejected, perturbed).
   """
-  images = [
-    image for pair in zip(batch["chosen"], batch["rejected"], strict=True) for image in pair
-  ]
-  prompts = [prompt for prompt in batch["prompt"] for _ in range(2)]
+  images, prompts = [], []
+  for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"], strict=True)):
+    texts = (
+      (batch["prompt"][i], batch["perturbed_prompt"][i]) if perturbed else (batch["prompt"][i],)
+    )
+    for text in texts:
+      images += [chosen, rejected]
+      prompts += [text, text]
   return preparer(images, prompts)
+
+
+@struct.dataclass
+class PairBatch:
+  """What the train step reads: the sequences and, optionally, colour-grounding targets."""
+
+  inputs: ModelInputs
+  centroids: jax.Array | None = None  # (rows, colours, 2): reward.grounding.colour_centroids
+  present: jax.Array | None = None  # (rows, colours)
+  rows_per_pair: int = struct.field(pytree_node=False, default=2)  # 2, or 4 with `perturbed`
+
+
+def host_pair_batch(preparer, batch: dict[str, np.ndarray], config: Any) -> PairBatch:
+  """The loader's pairs -> a host `PairBatch` as `config.train` asks (perturbed, grounding)."""
+  perturbed = bool(config.train.get("perturbed_pairs", False))
+  inputs = pair_inputs(preparer, batch, perturbed=perturbed)
+  centroids = present = None
+  if config.train.get("grounding_weight", 0.0) > 0:
+    # The same image order as pair_inputs: (chosen, rejected) once per prompt.
+    images = np.stack([batch["chosen"], batch["rejected"]], axis=1)
+    images = np.tile(images, (1, 2 if perturbed else 1, 1, 1, 1)).reshape(-1, *images.shape[2:])
+    centroids, present = grounding.colour_centroids(images)
+  return PairBatch(inputs, centroids, present, rows_per_pair=4 if perturbed else 2)
 
 
 def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
@@ -78,50 +107,101 @@ def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
   )
 
 
-def global_pair_inputs(preparer, batch: dict[str, np.ndarray], mesh, rules) -> ModelInputs:
+def global_pair_inputs(
+  preparer, batch: dict[str, np.ndarray], mesh, rules, config: Any = None
+) -> PairBatch | ModelInputs:
   """This process's loader batch -> the sharded global `ModelInputs` of the train step.
 
-  With one process: `pair_inputs` placed on the mesh. With several, each process prepares its
+  Without `config`, the plain two-rows-per-pair `ModelInputs`; with it, the `PairBatch` that
+  `config.train` asks for (`host_pair_batch`). With one process: placed on the mesh. With several, each process prepares its
   own pairs; the global batch is their concatenation in `sharding.process_batch_shard` order
   (`make_array_from_process_local_data`). The vision metadata indexes the patches of the whole
   batch, so it is rebuilt for the global image count (every image has the same size: the loader
   resizes them all).
   """
-  inputs = pair_inputs(preparer, batch)
+  host = host_pair_batch(preparer, batch, config) if config is not None else None
+  inputs = host.inputs if host else pair_inputs(preparer, batch)
   shardings = input_shardings(inputs, mesh, rules)
+  rows = lambda ndim: sharding.named_sharding(  # noqa: E731
+    mesh, ("act_batch",) + (None,) * (ndim - 1), rules
+  )
+  targets = None if host is None else (host.centroids, host.present)
+  target_shardings = jax.tree.map(lambda x: rows(np.ndim(x)), targets)
   if jax.process_count() == 1:
-    return jax.device_put(inputs, shardings)
+    inputs = jax.device_put(inputs, shardings)
+    if host is None:
+      return inputs
+    centroids, present = jax.device_put(targets, target_shardings)
+    return PairBatch(inputs, centroids, present, rows_per_pair=host.rows_per_pair)
   _, shards = sharding.process_batch_shard(mesh, rules)
   meta = None
   if inputs.pixel_values is not None:
     grid = np.asarray(preparer.image_processor([batch["chosen"][0]])["image_grid_thw"])
-    num_images = 2 * len(batch["chosen"]) * shards
+    num_images = inputs.input_ids.shape[0] * shards
     meta = vision.vision_metadata(
       np.tile(grid.reshape(1, 3), (num_images, 1)), preparer.config.vision
     )
   local = dataclasses.replace(inputs, vision_meta=None)
   out = sharding.process_local_to_global(local, dataclasses.replace(shardings, vision_meta=None))
-  return dataclasses.replace(out, vision_meta=jax.device_put(meta, shardings.vision_meta))
+  out = dataclasses.replace(out, vision_meta=jax.device_put(meta, shardings.vision_meta))
+  if host is None:
+    return out
+  centroids, present = sharding.process_local_to_global(targets, target_shardings)
+  return PairBatch(out, centroids, present, rows_per_pair=host.rows_per_pair)
 
 
-def loss_fn(model, inputs: ModelInputs, key: jax.Array, config: Any):
-  mu, sigma = model(inputs)
-  # Rows are (chosen, rejected) pairs, interleaved (`pair_inputs`).
-  (mu_w, mu_l), (sigma_w, sigma_l) = mu.reshape(-1, 2).T, sigma.reshape(-1, 2).T
-  loss = losses.get_loss(config.loss)(
-    mu_w, sigma_w, mu_l, sigma_l, key=key, num_samples=config.mc_samples
-  )
-  aux = dict(
-    loss=loss,
-    accuracy=losses.pairwise_accuracy(mu_w, mu_l),
-    margin=jnp.mean(mu_w - mu_l),
-    sigma=jnp.mean(sigma),
-  )
+def loss_fn(model, batch: PairBatch | ModelInputs, key: jax.Array, config: Any, colour_ids=None):
+  """The preference loss (+ the colour-grounding auxiliary) of one batch, and its metrics.
+
+  Two rows per pair: the configured loss on (chosen, rejected) under the prompt. Four rows
+  (`perturbed_pairs`): also the mirrored pair under the perturbed prompt, where the rejected
+  image is the right one, averaged with the first; plus `text_contrast_weight` times the loss
+  of each image preferring the prompt it was made for, which holds the image fixed and so
+  asks the model to read the changed relation in the text.
+  """
+  if isinstance(batch, ModelInputs):
+    batch = PairBatch(batch)
+  grounding_on = batch.centroids is not None and colour_ids is not None
+  mu, sigma, hidden = model.forward(batch.inputs)
+  mu, sigma = mu.reshape(-1, batch.rows_per_pair).T, sigma.reshape(-1, batch.rows_per_pair).T
+  pair_loss = losses.get_loss(config.loss)
+  keys = jax.random.split(key, 4)
+
+  def prefer(w, lose, k):  # Rows w over rows lose.
+    return pair_loss(
+      mu[w], sigma[w], mu[lose], sigma[lose], key=keys[k], num_samples=config.mc_samples
+    )
+
+  loss = main = prefer(0, 1, 0)
+  aux = dict(accuracy=losses.pairwise_accuracy(mu[0], mu[1]), margin=jnp.mean(mu[0] - mu[1]))
+  if batch.rows_per_pair == 4:
+    text = (prefer(0, 2, 2) + prefer(3, 1, 3)) / 2
+    loss = (main + prefer(3, 2, 1)) / 2 + config.train.get("text_contrast_weight", 1.0) * text
+    aux["text_contrast_loss"] = text
+  aux["preference_loss"] = main
+  if grounding_on:
+    inputs = batch.inputs
+    ground = grounding.centroid_loss(
+      model.grounding_head(hidden),
+      inputs.input_ids,
+      inputs.attention_mask,
+      colour_ids,
+      batch.centroids,
+      batch.present,
+    )
+    loss = loss + config.train.grounding_weight * ground
+    aux["grounding_loss"] = ground
+  aux.update(loss=loss, sigma=jnp.mean(sigma))
   return loss, aux
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, config: Any, key: jax.Array):
-  """The pure step: (trainable, opt_state, frozen, inputs, step) -> (trainable, opt_state, aux).
+def make_train_step(
+  graphdef, tx: optax.GradientTransformation, config: Any, key: jax.Array, colour_ids=None
+):
+  """The pure step: (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, aux).
+
+  `batch` is a `PairBatch` (or plain two-rows-per-pair `ModelInputs`); `colour_ids`
+  (`grounding.colour_token_ids`) enables the grounding loss on batches that carry its targets.
 
   The loss's random samples use `fold_in(key, step)`, so a resumed run draws exactly what
   an uninterrupted one would. `aux["finite"]` says whether the loss, the gradients and the
@@ -133,7 +213,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: Any, key
 
     def objective(trainable):
       model = nnx.merge(graphdef, trainable, frozen)
-      return loss_fn(model, inputs, step_key, config)
+      return loss_fn(model, inputs, step_key, config, colour_ids)
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -228,7 +308,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   with sharding.use_mesh(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
 
-  train_step = make_train_step(graphdef, tx, config, key)
+  colour_ids = None
+  if config.train.get("grounding_weight", 0.0) > 0:
+    colour_ids = jnp.asarray(grounding.colour_token_ids(built.tokenizer))
+  train_step = make_train_step(graphdef, tx, config, key, colour_ids)
   # Metrics and scores replicated: every process can read them (also when it holds no shard).
   replicated = sharding.named_sharding(mesh, (), rules)
   p_step = jax.jit(
@@ -271,8 +354,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   try:
     with sharding.use_mesh(mesh, rules):
       for step in range(start_step + 1, config.train.steps + 1):
-        inputs = global_pair_inputs(built.preparer, next(train_iter), mesh, rules)
-        trainable, opt_state, aux = p_step(trainable, opt_state, frozen, inputs, step)
+        batch = global_pair_inputs(built.preparer, next(train_iter), mesh, rules, config)
+        trainable, opt_state, aux = p_step(trainable, opt_state, frozen, batch, step)
         log_now = step % config.log_every_steps == 0 or step == config.train.steps
         if log_now or step % config.train.checkpoint_every == 0:
           aux = jax.device_get(aux)

@@ -11,7 +11,7 @@ from flax import nnx
 from spatial_jax import checkpoint, sharding
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import loader, synthetic_job
-from spatial_jax.reward import build, train
+from spatial_jax.reward import build, grounding, train
 from spatial_jax.reward.model import trainable_filter
 
 
@@ -68,7 +68,9 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(pairs_dir,
 
 
 def test_sharded_train_step_equals_single_device(pairs_dir, tmp_path):
+  # The smoke config trains on four rows per pair with the colour-grounding loss.
   config = _config(pairs_dir)
+  assert config.train.perturbed_pairs and config.train.grounding_weight > 0
   rules = sharding.resolve_rules(None)
   batch = next(loader.make_pairs_loader(pairs_dir, batch_size=4, image_size=32, seed=0))
   results = []
@@ -79,16 +81,20 @@ def test_sharded_train_step_equals_single_device(pairs_dir, tmp_path):
     built = build.build(config, str(tmp_path / str(mesh.size)), mesh, rules)
     graphdef, trainable, frozen = nnx.split(built.model, trainable_filter("all"), ...)
     tx = train.make_optimizer(config)
-    step = train.make_train_step(graphdef, tx, config, jax.random.key(0))
-    inputs = train.pair_inputs(built.preparer, batch)
+    colour_ids = grounding.colour_token_ids(built.tokenizer)
+    step = train.make_train_step(graphdef, tx, config, jax.random.key(0), colour_ids)
     with sharding.use_mesh(mesh, rules):
-      inputs = jax.device_put(inputs, train.input_shardings(inputs, mesh, rules))
+      pairs = train.global_pair_inputs(built.preparer, batch, mesh, rules, config)
       opt_state = jax.jit(tx.init)(trainable)
-      new, _, aux = jax.jit(step)(trainable, opt_state, frozen, inputs, 1)
+      new, _, aux = jax.jit(step)(trainable, opt_state, frozen, pairs, 1)
+    assert pairs.rows_per_pair == 4 and pairs.inputs.input_ids.shape[0] == 16
     if mesh.size == 8:
-      assert inputs.input_ids.sharding.spec[0] == ("data", "fsdp")
-    results.append((jax.device_get(aux["loss"]), jax.device_get(new)))
-  (loss_1, new_1), (loss_8, new_8) = results
-  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+      assert pairs.inputs.input_ids.sharding.spec[0] == ("data", "fsdp")
+      assert pairs.centroids.sharding.spec[0] == ("data", "fsdp")
+    assert aux["grounding_loss"] > 0 and aux["text_contrast_loss"] > 0
+    results.append((jax.device_get(aux), jax.device_get(new)))
+  (aux_1, new_1), (aux_8, new_8) = results
+  for name in ("loss", "grounding_loss", "text_contrast_loss"):
+    np.testing.assert_allclose(aux_8[name], aux_1[name], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(new_1), jax.tree.leaves(new_8), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
