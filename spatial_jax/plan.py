@@ -151,9 +151,11 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
   tx = reward_train.make_optimizer(config)
   opt_state = abstract_opt_state(tx, trainable)
 
-  # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs).
+  # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs); 4B
+  # with `train.perturbed_pairs`. The grounding targets (a few floats a row) are left out.
   v = bconfig.vision
-  seqs, length = 2 * config.train.batch_size, config.data.max_length
+  rows_per_pair = 4 if config.train.get("perturbed_pairs", False) else 2
+  seqs, length = rows_per_pair * config.train.batch_size, config.data.max_length
   side = config.data.image_size
   h, w = ImageProcessor.from_config(v).resized_size(side, side)  # As build.build's processor.
   grid = np.tile([[1, h // v.patch_size, w // v.patch_size]], (seqs, 1))
@@ -170,7 +172,8 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
   step = reward_train.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
   replicated_metrics = sharding.named_sharding(mesh, (), rules)  # As reward.train.run jits it.
   fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, replicated_metrics))
-  args = (trainable, opt_state, frozen, inputs, _abstract((), jnp.int32, mesh))
+  batch = reward_train.PairBatch(inputs, rows_per_pair=rows_per_pair)
+  args = (trainable, opt_state, frozen, batch, _abstract((), jnp.int32, mesh))
   shape = f"{config.train.batch_size} pairs: {seqs} x {length} tok, {side}px"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
 
