@@ -34,11 +34,11 @@
 #    (`spatial_jax.reward.train.run`);
 # 3. load it with `SpatialScore.load` and score chosen / rejected images: `mu` and `sigma`.
 #
-# **Status:** `configs/reward_synthetic.py` itself (20,000 pairs, 2,200 steps, about 18 minutes
-# on a 2-core CPU) reaches 0.985 held-out pairwise accuracy (see the README). This notebook's
-# default run is shorter (4,000 pairs, 400 steps): the score stays near chance until about step
-# 600 of that recipe, so here it shows the mechanics; raise `steps` below to see it learn. The paper's
-# numbers come from the pretrained 7B model (`configs/reward_qwen25vl_7b.py`).
+# **Status:** `configs/reward_synthetic.py` itself (20,000 pairs, 2,200 steps, about 18
+# minutes on a 2-core CPU) reaches 0.985 held-out pairwise accuracy (see the README). This
+# notebook's default run is shorter (4,000 pairs, 400 steps): the score stays near chance until
+# about step 600 of that recipe, so here it shows the mechanics; raise `steps` below to see it
+# learn. The paper's numbers come from the pretrained 7B model (`configs/reward_qwen25vl_7b.py`).
 
 # %% [markdown]
 # ## Settings

@@ -110,14 +110,14 @@ def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
 def global_pair_inputs(
   preparer, batch: dict[str, np.ndarray], mesh, rules, config: Any = None
 ) -> PairBatch | ModelInputs:
-  """This process's loader batch -> the sharded global `ModelInputs` of the train step.
+  """This process's loader batch -> the sharded global batch of the train step.
 
   Without `config`, the plain two-rows-per-pair `ModelInputs`; with it, the `PairBatch` that
-  `config.train` asks for (`host_pair_batch`). With one process: placed on the mesh. With several, each process prepares its
-  own pairs; the global batch is their concatenation in `sharding.process_batch_shard` order
-  (`make_array_from_process_local_data`). The vision metadata indexes the patches of the whole
-  batch, so it is rebuilt for the global image count (every image has the same size: the loader
-  resizes them all).
+  `config.train` asks for (`host_pair_batch`). With one process: placed on the mesh. With
+  several, each process prepares its own pairs; the global batch is their concatenation in
+  `sharding.process_batch_shard` order (`make_array_from_process_local_data`). The vision
+  metadata indexes the patches of the whole batch, so it is rebuilt for the global image count
+  (every image has the same size: the loader resizes them all).
   """
   host = host_pair_batch(preparer, batch, config) if config is not None else None
   inputs = host.inputs if host else pair_inputs(preparer, batch)
