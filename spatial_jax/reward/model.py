@@ -20,7 +20,7 @@ from flax import nnx
 
 from spatial_jax.models.qwen25vl import ModelInputs, Qwen25VLModel, prepare_inputs
 from spatial_jax.models.qwen25vl import processor as qwen_processor
-from spatial_jax.reward.head import RewardHead
+from spatial_jax.reward.head import RewardHead, fp32_dense
 
 REWARD_TOKEN = "<reward>"
 
@@ -85,19 +85,7 @@ class SpatialScoreModel(nnx.Module):
     )
     self.head = RewardHead(hidden, head_hidden, rngs=rngs)
     # Training only: the colour-grounding auxiliary's (x, y) readout (reward.grounding).
-    self.grounding_head = (
-      nnx.Linear(
-        hidden,
-        2,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)),
-        rngs=rngs,
-      )
-      if grounding
-      else None
-    )
+    self.grounding_head = fp32_dense(hidden, 2, ("embed", None), rngs=rngs) if grounding else None
 
   def __call__(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
     mu, sigma, _ = self.forward(inputs)

@@ -50,14 +50,8 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   return tx
 
 
-def pair_inputs(preparer, batch: dict[str, np.ndarray], *, perturbed: bool = False) -> ModelInputs:
-  """One batch of sequences, each pair's rows together: chosen_0, rejected_0, chosen_1, ...
-
-  Pairs together (not all chosen, then all rejected) so that any contiguous block of rows holds
-  whole pairs: each process's slice of a global batch is then its own loader batch. With
-  `perturbed`, each pair adds its two images under the perturbed prompt, four rows per pair:
-  (chosen, prompt), (rejected, prompt), (chosen, perturbed), (rejected, perturbed).
-  """
+def _pair_rows(batch: dict[str, np.ndarray], perturbed: bool) -> tuple[list, list[str]]:
+  """(images, prompts) of the rows, each pair's rows together (see `pair_inputs`)."""
   images, prompts = [], []
   for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"], strict=True)):
     texts = (
@@ -66,7 +60,18 @@ def pair_inputs(preparer, batch: dict[str, np.ndarray], *, perturbed: bool = Fal
     for text in texts:
       images += [chosen, rejected]
       prompts += [text, text]
-  return preparer(images, prompts)
+  return images, prompts
+
+
+def pair_inputs(preparer, batch: dict[str, np.ndarray], *, perturbed: bool = False) -> ModelInputs:
+  """One batch of sequences, each pair's rows together: chosen_0, rejected_0, chosen_1, ...
+
+  Pairs together (not all chosen, then all rejected) so that any contiguous block of rows holds
+  whole pairs: each process's slice of a global batch is then its own loader batch. With
+  `perturbed`, each pair adds its two images under the perturbed prompt, four rows per pair:
+  (chosen, prompt), (rejected, prompt), (chosen, perturbed), (rejected, perturbed).
+  """
+  return preparer(*_pair_rows(batch, perturbed))
 
 
 @struct.dataclass
@@ -82,13 +87,11 @@ class PairBatch:
 def host_pair_batch(preparer, batch: dict[str, np.ndarray], config: Any) -> PairBatch:
   """The loader's pairs -> a host `PairBatch` as `config.train` asks (perturbed, grounding)."""
   perturbed = bool(config.train.get("perturbed_pairs", False))
-  inputs = pair_inputs(preparer, batch, perturbed=perturbed)
+  images, prompts = _pair_rows(batch, perturbed)
+  inputs = preparer(images, prompts)
   centroids = present = None
   if config.train.get("grounding_weight", 0.0) > 0:
-    # The same image order as pair_inputs: (chosen, rejected) once per prompt.
-    images = np.stack([batch["chosen"], batch["rejected"]], axis=1)
-    images = np.tile(images, (1, 2 if perturbed else 1, 1, 1, 1)).reshape(-1, *images.shape[2:])
-    centroids, present = grounding.colour_centroids(images)
+    centroids, present = grounding.colour_centroids(np.stack(images))
   return PairBatch(inputs, centroids, present, rows_per_pair=4 if perturbed else 2)
 
 
