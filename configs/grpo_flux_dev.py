@@ -63,6 +63,7 @@ def get_config(arg=None):
     adv_eps=1e-4,
     adv_clip=5.0,
     noise_level=0.9,
+    same_initial_noise=False,  # Flow-GRPO draws every sample's initial noise apart.
     sde_window=(),  # All steps but the last.
     timestep_fraction=1.0,
     clip_range=1e-4,

@@ -52,6 +52,7 @@ def get_config(arg=None):
     adv_eps=1e-4,
     adv_clip=5.0,
     noise_level=0.7,  # Flow-GRPO's `a`.
+    same_initial_noise=False,  # One initial noise per group (DanceGRPO's --init_same_noise).
     sde_window=(),  # Stochastic steps [start, end); empty: all but the last, sharp step (ODE).
     timestep_fraction=1.0,  # Of the stochastic steps, the first fraction is trained.
     clip_range=1e-4,

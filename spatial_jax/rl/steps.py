@@ -50,11 +50,25 @@ def make_rollout(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array, conf
     model = nnx.merge(graphdef, trainable, frozen)
     velocity = policy.velocity(model, prompt_embeds, pooled)
     init_key, sde_key = jax.random.split(key)
-    x = jax.random.normal(init_key, (prompt_embeds.shape[0], *policy.latent_shape), jnp.float32)
+    x = initial_noise(init_key, prompt_embeds.shape[0], policy.latent_shape, config)
     window = sde_window(config, sigmas.shape[0] - 1)
     return sample_sde(velocity, x, sigmas, sde_key, noise_level=g.noise_level, sde_window=window)
 
   return rollout
+
+
+def initial_noise(key: jax.Array, batch: int, latent_shape: tuple[int, ...], config: Any):
+  """The rollout's starting latents, (batch, *latent_shape) fp32: distinct per sample, or, with
+  `grpo.same_initial_noise`, one draw per group of `group_size` adjacent samples (DanceGRPO's
+  `--init_same_noise`): the group's samples then differ only by the SDE noise that their
+  log-probs score, so the reward differences within a group are all credited to trained steps."""
+  g = config.grpo
+  if not g.same_initial_noise:
+    return jax.random.normal(key, (batch, *latent_shape), jnp.float32)
+  if batch % g.group_size:
+    raise ValueError(f"A rollout of {batch} samples is not whole groups of {g.group_size}.")
+  x = jax.random.normal(key, (batch // g.group_size, *latent_shape), jnp.float32)
+  return jnp.repeat(x, g.group_size, axis=0)
 
 
 def make_eval_sampler(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array):

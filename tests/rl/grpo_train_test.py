@@ -131,6 +131,24 @@ def test_sharded_train_step_equals_single_device():
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=3e-6)
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_rollout_initial_noise_is_per_sample_or_per_group(same):
+  config = _config(same_initial_noise=same)
+  traj = _phases(config, _single_device_mesh()).traj
+  group = config.grpo.group_size
+  start = np.asarray(traj.latents[0]).reshape(len(PROMPTS), group, -1)
+  end = np.asarray(traj.latents[-1]).reshape(len(PROMPTS), group, -1)
+  # Within a group: one shared start (same) or all distinct; the groups never share one.
+  assert np.array_equal(start[:, 1:] == start[:, :1], np.full(start[:, 1:].shape, same))
+  assert not np.allclose(start[0], start[1])
+  # The SDE noise still differs per sample, so every sample of a group ends elsewhere.
+  spread = np.abs(end - end[:, :1]).max(axis=-1)[:, 1:]
+  assert (spread > 1e-3).all()
+  if same:
+    with pytest.raises(ValueError, match="whole groups of 8"):
+      steps.initial_noise(jax.random.key(0), 12, (4, 4), config)
+
+
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="topk"):
     train.check_config(_config(topk=5), batch_shards=1)
