@@ -73,12 +73,33 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     reward=reward,
     generator=generator,
     grpo=grpo,
+    grpo_curve=eval_curve(os.path.join(workdir, "grpo")),
   )
   text = render_report(report, config)
   fileio.write_atomic(os.path.join(workdir, "report.md"), text.encode())
   metrics.write_summary(workdir, report)
   logging.info("quickstart: wrote %s\n%s", os.path.join(workdir, "report.md"), text)
   return report
+
+
+def eval_curve(grpo_dir: str) -> dict[str, list[tuple[int, float]]]:
+  """The GRPO run's held-out evaluations by step (`eval/*` rows of its history.json)."""
+  rows = _summary(grpo_dir, "history.json") or {}
+  return {
+    k: [(int(s), float(v)) for s, v in rows[k]] for k in sorted(rows) if k.startswith("eval/")
+  }
+
+
+def _curve_table(curve: dict[str, list[tuple[int, float]]]) -> list[str]:
+  """Markdown rows: one per evaluated step, one column per metric."""
+  names = [k for k in curve if curve[k]]
+  by_step = {name: dict(curve[name]) for name in names}
+  steps = sorted({s for name in names for s in by_step[name]})
+  return [
+    "| step | " + " | ".join(names) + " |",
+    "|---|" + "---|" * len(names),
+    *(f"| {s} | " + " | ".join(_fmt(by_step[n].get(s)) for n in names) + " |" for s in steps),
+  ]
 
 
 def _fmt(value: Any) -> str:
@@ -130,6 +151,10 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "| metric | before | after |",
     "|---|---|---|",
     *(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in sorted(after)),
+    "",
+    "The same held-out evaluation through training (step 0: before):",
+    "",
+    *_curve_table(report.get("grpo_curve") or {}),
     "",
     "Reward curve: grpo/curves.png. Galleries: grpo/gallery/step_000000.png (before) and the",
     f"last one, grpo/gallery/step_{grpo.get('step', 0):06d}.png (after).",

@@ -26,6 +26,14 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   }
   text = (tmp_path / "report.md").read_text()
   assert "| eval/oracle |" in text and "Held-out pairwise accuracy: 0." in text
+  # The held-out curve: the evaluation before training (step 0) and after the last step.
+  curve = report["grpo_curve"]
+  assert curve["eval/oracle"] == [
+    (0, report["grpo"]["before"]["eval/oracle"]),
+    (2, report["grpo"]["after"]["eval/oracle"]),
+  ]
+  after = report["grpo"]["after"]
+  assert "| 2 | " + " | ".join(f"{after[k]:.3f}" for k in sorted(after)) + " |" in text
 
   again = quickstart.run(load_config("configs/quickstart.py", "smoke"), str(tmp_path))
   assert again["seconds"] == {stage: 0.0 for stage in quickstart.STAGES}
