@@ -24,7 +24,9 @@ def get_config(arg=None):
   config.grpo.reward.oracle = True
   config.grpo.reward.tiny_spatial_score = False  # The trained one from reward/.
   # A CPU budget of ~30 minutes: SpatialScore and GRPO shortened (their own configs run longer).
-  config.reward.train.steps = 500
+  # SpatialScore leaves chance near step 600: 1,000 steps reach 0.74 held-out (horizontal
+  # relations 0.94, vertical ones still near chance); reward_synthetic's 2,200 reach 0.985.
+  config.reward.train.steps = 1000
   config.reward.eval.max_pairs = 512
   config.reward.eval_every_steps = 250
   config.grpo.train.steps = 40
