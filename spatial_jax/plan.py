@@ -154,7 +154,7 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
   # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs); 4B
   # with `train.perturbed_pairs`. The grounding targets (a few floats a row) are left out.
   v = bconfig.vision
-  rows_per_pair = 4 if config.train.get("perturbed_pairs", False) else 2
+  rows_per_pair = reward_train.rows_per_pair(config)
   seqs, length = rows_per_pair * config.train.batch_size, config.data.max_length
   side = config.data.image_size
   h, w = ImageProcessor.from_config(v).resized_size(side, side)  # As build.build's processor.

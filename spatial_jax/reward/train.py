@@ -84,15 +84,21 @@ class PairBatch:
   rows_per_pair: int = struct.field(pytree_node=False, default=2)  # 2, or 4 with `perturbed`
 
 
+def rows_per_pair(config: Any) -> int:
+  """Sequences per pair in a train batch: 2, or 4 with `config.train.perturbed_pairs`."""
+  return 4 if config.train.get("perturbed_pairs", False) else 2
+
+
 def host_pair_batch(preparer, batch: dict[str, np.ndarray], config: Any) -> PairBatch:
   """The loader's pairs -> a host `PairBatch` as `config.train` asks (perturbed, grounding)."""
-  perturbed = bool(config.train.get("perturbed_pairs", False))
+  rows = rows_per_pair(config)
+  perturbed = rows == 4
   images, prompts = _pair_rows(batch, perturbed)
   inputs = preparer(images, prompts)
   centroids = present = None
   if config.train.get("grounding_weight", 0.0) > 0:
     centroids, present = grounding.colour_centroids(np.stack(images))
-  return PairBatch(inputs, centroids, present, rows_per_pair=4 if perturbed else 2)
+  return PairBatch(inputs, centroids, present, rows_per_pair=rows)
 
 
 def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
