@@ -26,6 +26,11 @@ def get_config(arg=None):
     prompts="",  # A prompt file (txt / jsonl); empty: prompts drawn from the scene grammar.
     eval_prompts="",  # Held-out prompts; empty: drawn from the grammar (or the file's tail).
     synthetic=dict(min_objects=2, max_objects=4, max_relations=4),
+    # No prompt file: > 0 trains on a fixed pool of this many grammar scenes (`pool_phrasings`
+    # phrasings each) held out in their mirrored wording (`prompts.scene_pool_prompts`); 0 draws
+    # fresh scenes at every step, held out as other scenes.
+    scene_pool=0,
+    pool_phrasings=4,
   )
   # `generator`: a flux_sft export (`<workdir>/final`); `pipeline`: a diffusers FLUX folder (the
   # real world); both empty: a random tiny generator (`tiny`).

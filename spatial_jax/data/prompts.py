@@ -1,5 +1,10 @@
 """Prompt lists: read from a file (real prompts) or drawn from the synthetic scene grammar.
 
+The grammar gives prompts two ways: fresh scenes at every draw (`synthetic_prompts`), or a fixed
+pool of scenes (`scene_pool_prompts`), each described in several phrasings for training and held
+out in its mirrored description (every relation stated from its other object), the synthetic
+analogue of RL on a fixed prompt set evaluated on prompts it never saw.
+
 A prompt file is plain text with one prompt per line (blank lines and lines starting with `#`
 skipped) or JSON lines with a `prompt` field (`.jsonl`).
 """
@@ -69,11 +74,85 @@ def synthetic_prompts(
   return prompts
 
 
+def mirrored(scene: scenes.Scene) -> scenes.Scene:
+  """The same layout stated the other way round: "a left of b" becomes "b right of a" (objects in
+  the order of first mention of the new wording)."""
+  relations = tuple(
+    scenes.Relation(r.object, scenes.OPPOSITE[r.relation], r.subject) for r in scene.relations
+  )
+  return scenes.Scene(scene.objects, relations).canonical()
+
+
+def _phrasings(
+  scene: scenes.Scene, count: int, rng: np.random.Generator, exclude: Collection[str] = ()
+) -> list[str]:
+  found: list[str] = []
+  for _ in range(100 * count):
+    prompt = scenes.scene_to_prompt(scene, rng)
+    if prompt not in found and prompt not in exclude:
+      found.append(prompt)
+      if len(found) == count:
+        return found
+  raise ValueError(f"The grammar has fewer than {count} distinct phrasings of {scene}.")
+
+
+def scene_pool_prompts(
+  num_scenes: int,
+  phrasings: int,
+  seed: int | Sequence[int],
+  *,
+  min_objects: int = 2,
+  max_objects: int = 4,
+  max_relations: int = 4,
+) -> tuple[list[str], list[str]]:
+  """A fixed pool of `num_scenes` scenes: (training prompts, held-out prompts).
+
+  The training prompts are `phrasings` distinct descriptions of each scene; the held-out prompts
+  are `phrasings` descriptions of each scene's `mirrored` statement, so they ask for the same
+  layouts in other relation words and another word order, and none is a training prompt. The
+  scenes have distinct sets of colours (the oracle's identity of an object): a scene's layout is
+  then named by its objects, and two scenes never ask for opposite layouts of the same objects.
+  Deterministic in `seed`; both lists are grouped by scene.
+
+  Raises:
+    ValueError: the grammar's settings cannot give `num_scenes` scenes with distinct colours.
+  """
+  if num_scenes < 1 or phrasings < 1:
+    raise ValueError(f"Need num_scenes >= 1 and phrasings >= 1, got {num_scenes}, {phrasings}.")
+  rng = np.random.default_rng(seed)
+  grammar = dict(min_objects=min_objects, max_objects=max_objects, max_relations=max_relations)
+  train: list[str] = []
+  held_out: list[str] = []
+  colour_sets: set[frozenset[str]] = set()
+  for _ in range(1000 * num_scenes):
+    if len(colour_sets) == num_scenes:
+      return train, held_out
+    scene = scenes.sample_scene(rng, **grammar)
+    colours = frozenset(o.color for o in scene.objects)
+    if colours in colour_sets:
+      continue
+    colour_sets.add(colours)
+    described = _phrasings(scene, phrasings, rng)
+    train += described
+    held_out += _phrasings(mirrored(scene), phrasings, rng, exclude=described)
+  if len(colour_sets) == num_scenes:
+    return train, held_out
+  raise ValueError(
+    f"Found only {len(colour_sets)} scenes with distinct colour sets for a pool of {num_scenes} "
+    f"({grammar}); lower the pool size or allow more objects."
+  )
+
+
 class PromptSource:
   """Training prompts by step, and the fixed held-out evaluation prompts.
 
   `train(step)` depends on (seed, step) only, so a resumed run draws what an uninterrupted run
   would; its data state is the step. Evaluation prompts never appear in training.
+
+  The training prompts come from `train_file`, else from a pool of `scene_pool` grammar scenes
+  (`scene_pool_prompts`, with `pool_phrasings` per scene; the held-out prompts are then the pool's
+  mirrored descriptions, unless `eval_file` is given, and `fresh_eval_prompts` other scenes of
+  the grammar), else fresh from the grammar at each step.
   """
 
   def __init__(
@@ -84,12 +163,23 @@ class PromptSource:
     eval_file: str = "",
     num_eval: int = 16,
     grammar: dict | None = None,
+    scene_pool: int = 0,
+    pool_phrasings: int = 4,
   ):
     self.seed = seed
     self.grammar = dict(grammar or {})
     self.train_pool = read_prompts(train_file) if train_file else None
+    pool_held_out = None
+    if self.train_pool is None and scene_pool:
+      self.train_pool, pool_held_out = scene_pool_prompts(
+        scene_pool, pool_phrasings, (seed, 3), **self.grammar
+      )
     if eval_file:
       self.eval_prompts = read_prompts(eval_file)[:num_eval]
+    elif pool_held_out is not None:
+      # Every scene before a second phrasing of any: the scenes' share stays even at any count.
+      by_phrasing = [pool_held_out[i::pool_phrasings] for i in range(pool_phrasings)]
+      self.eval_prompts = [p for row in by_phrasing for p in row][:num_eval]
     elif self.train_pool is not None:
       # Held out of the file's pool: its last `num_eval` prompts.
       if len(self.train_pool) <= num_eval:
@@ -101,6 +191,13 @@ class PromptSource:
       self.train_pool = self.train_pool[:-num_eval]
     else:
       self.eval_prompts = synthetic_prompts(num_eval, (seed, 1), **self.grammar)
+    # With a pool, the held-out wordings measure the trained scenes; fresh grammar scenes (drawn
+    # as a run without a pool draws its held-out ones) measure what carries over to new scenes.
+    self.fresh_eval_prompts = (
+      synthetic_prompts(num_eval, (seed, 1), exclude=set(self.train_pool), **self.grammar)
+      if pool_held_out is not None
+      else []
+    )
     self._held_out = frozenset(self.eval_prompts)
 
   def train(self, step: int, count: int) -> list[str]:

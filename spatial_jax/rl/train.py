@@ -11,7 +11,9 @@ Each step of the loop:
 
 Every `eval.every_steps` (and before the first and after the last step) the held-out prompts
 are sampled deterministically (the ODE, fixed noise) and scored by every reward; the gallery is
-written to `gallery/step_<N>.png`. Checkpoints hold the LoRA params, the optimizer state and the
+written to `gallery/step_<N>.png`. With a scene pool (`data.scene_pool`), the held-out prompts
+are the pool's scenes in other words (`eval/`) and fresh scenes (`eval_fresh/`, gallery
+`gallery/fresh_step_<N>.png`). Checkpoints hold the LoRA params, the optimizer state and the
 rng; the prompts of a step depend on (seed, step) only, so a resumed run continues exactly as an
 uninterrupted one. At the end: `final/lora/` (a diffusers LoRA file) and, for a synthetic
 generator, `final/` as a generator folder with the LoRA merged (`generator.load_generator`);
@@ -75,6 +77,8 @@ def prompt_source(config: Any) -> PromptSource:
     eval_file=config.data.eval_prompts,
     num_eval=config.eval.num_prompts,
     grammar=dict(config.data.synthetic),
+    scene_pool=config.data.get("scene_pool", 0),
+    pool_phrasings=config.data.get("pool_phrasings", 4),
   )
 
 
@@ -152,39 +156,48 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   # -- Evaluation ----------------------------------------------------------------------------
   writer = metrics.create_writer(workdir)
-  num_eval = len(prompts.eval_prompts)
-  # Padded (with copies of the last prompt) to split over the batch shards; trimmed after.
-  eval_rows = np.minimum(np.arange(-(-num_eval // batch_shards) * batch_shards), num_eval - 1)
-  eval_embeds = tuple(put(x[eval_rows]) for x in policy.encode(prompts.eval_prompts))
-  eval_noise = jax.random.normal(
-    jax.random.key(config.eval.seed), (len(eval_rows), *policy.latent_shape), jnp.float32
-  )
+  # Held-out prompt sets: "eval", and with a scene pool also "eval_fresh" (prompts.PromptSource).
+  eval_sets = {"eval": prompts.eval_prompts}
+  if prompts.fresh_eval_prompts:
+    eval_sets["eval_fresh"] = prompts.fresh_eval_prompts
+  eval_inputs = {}
+  for prefix, eval_prompts in eval_sets.items():
+    # Padded (with copies of the last prompt) to split over the batch shards; trimmed after.
+    n = len(eval_prompts)
+    rows = np.minimum(np.arange(-(-n // batch_shards) * batch_shards), n - 1)
+    embeds = tuple(put(x[rows]) for x in policy.encode(eval_prompts))
+    noise = jax.random.normal(
+      jax.random.key(config.eval.seed), (len(rows), *policy.latent_shape), jnp.float32
+    )
+    eval_inputs[prefix] = (embeds, put(noise))
 
   def sampling_params():
     ema = ema_params(opt_state)
     return trainable if ema is None else ema
 
   def evaluate(step: int) -> dict[str, float]:
-    with sharding.use_mesh(mesh, rules):
-      latents = p_eval(sampling_params(), frozen, *eval_embeds, put(eval_noise))
-      images = generator_lib.unit_to_uint8(policy.decode(latents))[:num_eval]
-    scores = {
-      f"eval/{name}": float(np.mean(fn(images, prompts.eval_prompts)))
-      for name, fn in reward_fns.items()
-    }
-    if "oracle" in reward_fns:
-      found = generator_lib.oracle_report(images, prompts.eval_prompts, 1)["all"]
-      scores["eval/oracle_objects"] = found["objects"]
-      # Chance level of the layout: the same images against one relation changed.
-      scores["eval/oracle_perturbed"] = found["relations_perturbed"]
-    metrics.write_images(
-      writer,
-      step,
-      "eval/gallery",
-      images,
-      png_path=os.path.join(workdir, "gallery", f"step_{step:06d}.png"),
-      ncols=min(8, len(images)),
-    )
+    scores = {}
+    for prefix, eval_prompts in eval_sets.items():
+      embeds, noise = eval_inputs[prefix]
+      with sharding.use_mesh(mesh, rules):
+        latents = p_eval(sampling_params(), frozen, *embeds, noise)
+        images = generator_lib.unit_to_uint8(policy.decode(latents))[: len(eval_prompts)]
+      for name, fn in reward_fns.items():
+        scores[f"{prefix}/{name}"] = float(np.mean(fn(images, eval_prompts)))
+      if "oracle" in reward_fns:
+        found = generator_lib.oracle_report(images, eval_prompts, 1)["all"]
+        scores[f"{prefix}/oracle_objects"] = found["objects"]
+        # Chance level of the layout: the same images against one relation changed.
+        scores[f"{prefix}/oracle_perturbed"] = found["relations_perturbed"]
+      name = "" if prefix == "eval" else prefix.removeprefix("eval_") + "_"
+      metrics.write_images(
+        writer,
+        step,
+        f"{prefix}/gallery",
+        images,
+        png_path=os.path.join(workdir, "gallery", f"{name}step_{step:06d}.png"),
+        ncols=min(8, len(images)),
+      )
     writer.write_scalars(step, scores)
     logging.info("step %d: eval %s", step, scores)
     return scores

@@ -1,9 +1,16 @@
 import json
 
+import numpy as np
 import pytest
 
 from spatial_jax.data import scenes
-from spatial_jax.data.prompts import PromptSource, read_prompts, synthetic_prompts
+from spatial_jax.data.prompts import (
+  PromptSource,
+  mirrored,
+  read_prompts,
+  scene_pool_prompts,
+  synthetic_prompts,
+)
 
 
 def test_read_prompts_text_and_jsonl(tmp_path):
@@ -57,3 +64,73 @@ def test_prompt_source_holds_out_eval_prompts_and_is_a_function_of_the_step(tmp_
   assert len(set(batch)) == 5 and not set(batch) & set(from_file.eval_prompts)
   with pytest.raises(ValueError, match="too few"):
     PromptSource(seed=0, train_file=str(pool), num_eval=10)
+
+
+def _layout(prompt: str) -> frozenset[tuple[str, str, str]]:
+  """What a prompt asks of the layout, in one direction per axis: (colour, left of / above,
+  colour), whichever way the prompt states each relation."""
+  scene = scenes.parse_prompt(prompt)
+  constraints = set()
+  for r in scene.relations:
+    subject, obj = scene.objects[r.subject].color, scene.objects[r.object].color
+    if r.relation in ("left of", "above"):
+      constraints.add((subject, r.relation, obj))
+    else:
+      constraints.add((obj, scenes.OPPOSITE[r.relation], subject))
+  return frozenset(constraints)
+
+
+def _stated(prompt: str) -> frozenset[tuple[str, str, str]]:
+  """The relations as the prompt states them: (subject colour, relation, object colour)."""
+  scene = scenes.parse_prompt(prompt)
+  return frozenset(
+    (scene.objects[r.subject].color, r.relation, scene.objects[r.object].color)
+    for r in scene.relations
+  )
+
+
+def test_mirrored_states_the_same_layout_from_the_other_object():
+  scene = scenes.parse_prompt("a red circle left of a blue square")
+  mirror = mirrored(scene)
+  assert [o.color for o in mirror.objects] == ["blue", "red"]
+  assert mirror.relations == (scenes.Relation(0, "right of", 1),)
+  rng = np.random.default_rng(0)
+  assert _layout(scenes.scene_to_prompt(mirror, rng)) == _layout(
+    "a red circle left of a blue square"
+  )
+
+
+@pytest.mark.parametrize("grammar", [dict(max_objects=2, max_relations=1), dict()])
+def test_scene_pool_holds_out_the_mirrored_wording_of_each_scene(grammar):
+  train, held_out = scene_pool_prompts(6, 3, (1, 3), **grammar)
+  assert (train, held_out) == scene_pool_prompts(6, 3, (1, 3), **grammar)
+  assert train != scene_pool_prompts(6, 3, (2, 3), **grammar)[0]
+  assert len(train) == len(held_out) == 18 and len(set(train)) == 18
+  assert not set(train) & set(held_out)
+  colour_sets = []
+  for scene in range(6):
+    described = train[3 * scene : 3 * scene + 3]
+    mirrors = held_out[3 * scene : 3 * scene + 3]
+    # Every phrasing of a scene, and of its mirror, asks for the same layout ...
+    assert len({_layout(p) for p in described + mirrors}) == 1
+    # ... in other words: the mirror states each relation from its other object.
+    assert {_stated(p) for p in mirrors} == {
+      frozenset((o, scenes.OPPOSITE[r], s) for s, r, o in _stated(p)) for p in described
+    }
+    colour_sets.append(frozenset(o.color for o in scenes.parse_prompt(described[0]).objects))
+  assert len(set(colour_sets)) == 6
+
+
+def test_scene_pool_errors_and_prompt_source():
+  with pytest.raises(ValueError, match="distinct colour sets"):
+    scene_pool_prompts(len(scenes.COLORS) ** 2, 1, 0, max_objects=2, max_relations=1)
+  with pytest.raises(ValueError, match="num_scenes >= 1"):
+    scene_pool_prompts(0, 2, 0)
+  grammar = dict(min_objects=2, max_objects=2, max_relations=1)
+  source = PromptSource(seed=0, num_eval=5, grammar=grammar, scene_pool=4, pool_phrasings=2)
+  train, held_out = scene_pool_prompts(4, 2, (0, 3), **grammar)
+  # The first phrasing of each of the 4 scenes, then the second phrasing of the first scene.
+  assert source.eval_prompts == [held_out[0], held_out[2], held_out[4], held_out[6], held_out[1]]
+  assert sorted(source.train_pool) == sorted(train)
+  batch = source.train(3, 8)
+  assert sorted(batch) == sorted(train) and batch == source.train(3, 8)

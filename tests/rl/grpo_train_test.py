@@ -211,6 +211,25 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
   assert summary["after"] == pytest.approx(smoke[1]["after"])
 
 
+def test_scene_pool_run_evaluates_other_wordings_and_fresh_scenes(tmp_path):
+  config = load_config(CONFIG, "smoke")
+  config.data.update(scene_pool=2, pool_phrasings=2)
+  config.data.synthetic.update(max_objects=2, max_relations=1)
+  config.train.update(steps=1)
+  config.eval.num_prompts = 3
+  summary = train.run(config, str(tmp_path))
+  source = train.prompt_source(config)
+  # Held out: the pool's 2 scenes in their mirrored wording, then fresh scenes of the grammar.
+  assert len(source.eval_prompts) == 3 and len(source.fresh_eval_prompts) == 3
+  assert not set(source.fresh_eval_prompts) & set(source.train_pool)
+  for when in ("before", "after"):
+    assert {k.split("/")[0] for k in summary[when]} == {"eval", "eval_fresh"}
+    assert 0.0 <= summary[when]["eval_fresh/oracle_soft"] <= 1.0
+  assert summary["before"]["eval/spatial_score"] != summary["before"]["eval_fresh/spatial_score"]
+  for name in ("step_000001.png", "fresh_step_000001.png"):
+    assert os.path.exists(os.path.join(str(tmp_path), "gallery", name))
+
+
 def test_paper_config_without_weights_fails_clearly(tmp_path):
   config = load_config("configs/grpo_flux_dev.py")
   assert (config.grpo.group_size, config.grpo.topk, config.lora.rank) == (24, 6, 32)
