@@ -83,10 +83,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def eval_curve(grpo_dir: str) -> dict[str, list[tuple[int, float]]]:
-  """The GRPO run's held-out evaluations by step (`eval/*` rows of its history.json)."""
+  """The GRPO run's held-out evaluations by step (the `eval/*` and, with a scene pool,
+  `eval_fresh/*` rows of its history.json)."""
   rows = _summary(grpo_dir, "history.json") or {}
   return {
-    k: [(int(s), float(v)) for s, v in rows[k]] for k in sorted(rows) if k.startswith("eval/")
+    k: [(int(s), float(v)) for s, v in rows[k]]
+    for k in sorted(rows)
+    if k.startswith(("eval/", "eval_fresh/"))
   }
 
 
@@ -148,6 +151,16 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "",
     "Deterministic (ODE) samples of the held-out prompts, before and after:",
     "",
+    *(
+      [
+        f"The run trains on a pool of {config.grpo.data.scene_pool} scenes: `eval/` rows hold",
+        "those scenes out in other words (each relation stated from its other object),",
+        "`eval_fresh/` rows are scenes it never trained on.",
+        "",
+      ]
+      if config.grpo.data.get("scene_pool")
+      else []
+    ),
     "| metric | before | after |",
     "|---|---|---|",
     *(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in sorted(after)),

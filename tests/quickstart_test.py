@@ -17,15 +17,15 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   grpo_config = json.loads((tmp_path / "grpo" / "config.json").read_text())
   assert grpo_config["reward"]["spatial_score"] == str(tmp_path / "reward")
   assert grpo_config["model"]["generator"] == str(tmp_path / "generator" / "final")
+  assert grpo_config["reward"]["train_on"] == "oracle_soft" and grpo_config["data"]["scene_pool"]
+  # The pool's scenes in held-out wordings (eval/) and fresh scenes (eval_fresh/).
+  metrics = ("oracle", "oracle_objects", "oracle_perturbed", "oracle_soft", "spatial_score")
   assert set(report["grpo"]["after"]) == {
-    "eval/oracle",
-    "eval/oracle_objects",
-    "eval/oracle_perturbed",
-    "eval/oracle_soft",
-    "eval/spatial_score",
+    f"{prefix}/{m}" for prefix in ("eval", "eval_fresh") for m in metrics
   }
   text = (tmp_path / "report.md").read_text()
-  assert "| eval/oracle |" in text and "Held-out pairwise accuracy: 0." in text
+  assert "| eval/oracle |" in text and "| eval_fresh/oracle |" in text
+  assert "Held-out pairwise accuracy: 0." in text and "a pool of 2 scenes" in text
   # The held-out curve: the evaluation before training (step 0) and after the last step.
   curve = report["grpo_curve"]
   assert curve["eval/oracle"] == [

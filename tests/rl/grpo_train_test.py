@@ -212,9 +212,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
 
 
 def test_scene_pool_run_evaluates_other_wordings_and_fresh_scenes(tmp_path):
-  config = load_config(CONFIG, "smoke")
-  config.data.update(scene_pool=2, pool_phrasings=2)
-  config.data.synthetic.update(max_objects=2, max_relations=1)
+  config = load_config(CONFIG, "smoke,pool=2")
+  assert (config.data.scene_pool, config.data.synthetic.max_relations) == (2, 1)
+  assert config.grpo.same_initial_noise and tuple(config.grpo.sde_window) == (0, 2)
   config.train.update(steps=1)
   config.eval.num_prompts = 3
   summary = train.run(config, str(tmp_path))
