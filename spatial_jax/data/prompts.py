@@ -166,6 +166,11 @@ class PromptSource:
     scene_pool: int = 0,
     pool_phrasings: int = 4,
   ):
+    if train_file and scene_pool:
+      raise ValueError(
+        f"Training prompts from the file {train_file} and from a pool of {scene_pool} grammar "
+        "scenes: give one (config.data.prompts or config.data.scene_pool)."
+      )
     self.seed = seed
     self.grammar = dict(grammar or {})
     self.train_pool = read_prompts(train_file) if train_file else None

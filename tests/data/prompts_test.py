@@ -126,6 +126,8 @@ def test_scene_pool_errors_and_prompt_source():
     scene_pool_prompts(len(scenes.COLORS) ** 2, 1, 0, max_objects=2, max_relations=1)
   with pytest.raises(ValueError, match="num_scenes >= 1"):
     scene_pool_prompts(0, 2, 0)
+  with pytest.raises(ValueError, match="give one"):
+    PromptSource(seed=0, train_file="prompts.txt", scene_pool=4)
   grammar = dict(min_objects=2, max_objects=2, max_relations=1)
   source = PromptSource(seed=0, num_eval=5, grammar=grammar, scene_pool=4, pool_phrasings=2)
   train, held_out = scene_pool_prompts(4, 2, (0, 3), **grammar)
