@@ -149,18 +149,18 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "",
     f"## GRPO (grpo/), trained on the {config.grpo.reward.train_on} reward",
     "",
-    "Deterministic (ODE) samples of the held-out prompts, before and after:",
-    "",
     *(
       [
-        f"The run trains on a pool of {config.grpo.data.scene_pool} scenes: `eval/` rows hold",
-        "those scenes out in other words (each relation stated from its other object),",
+        f"The run trains on a pool of {config.grpo.data.scene_pool} scenes. `eval/` rows hold",
+        "those scenes out in other words (each relation stated from its other object);",
         "`eval_fresh/` rows are scenes it never trained on.",
         "",
       ]
       if config.grpo.data.get("scene_pool")
       else []
     ),
+    "Deterministic (ODE) samples of the held-out prompts, before and after:",
+    "",
     "| metric | before | after |",
     "|---|---|---|",
     *(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in sorted(after)),
