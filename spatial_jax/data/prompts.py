@@ -115,7 +115,8 @@ def scene_pool_prompts(
   Deterministic in `seed`; both lists are grouped by scene.
 
   Raises:
-    ValueError: the grammar's settings cannot give `num_scenes` scenes with distinct colours.
+    ValueError: `num_scenes` or `phrasings` below 1, or a grammar that cannot give `num_scenes`
+      scenes with distinct colours or `phrasings` distinct wordings of one.
   """
   if num_scenes < 1 or phrasings < 1:
     raise ValueError(f"Need num_scenes >= 1 and phrasings >= 1, got {num_scenes}, {phrasings}.")
@@ -149,10 +150,12 @@ class PromptSource:
   `train(step)` depends on (seed, step) only, so a resumed run draws what an uninterrupted run
   would; its data state is the step. Evaluation prompts never appear in training.
 
-  The training prompts come from `train_file`, else from a pool of `scene_pool` grammar scenes
-  (`scene_pool_prompts`, with `pool_phrasings` per scene; the held-out prompts are then the pool's
-  mirrored descriptions, unless `eval_file` is given, and `fresh_eval_prompts` other scenes of
-  the grammar), else fresh from the grammar at each step.
+  Training prompts come from one of three sources:
+  - `train_file`;
+  - a pool of `scene_pool` grammar scenes (`scene_pool_prompts`, `pool_phrasings` wordings of
+    each). The held-out prompts are then the pool's mirrored wordings (unless `eval_file` is
+    given), and `fresh_eval_prompts` are other scenes of the grammar;
+  - fresh grammar scenes at each step.
   """
 
   def __init__(

@@ -189,13 +189,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         scores[f"{prefix}/oracle_objects"] = found["objects"]
         # Chance level of the layout: the same images against one relation changed.
         scores[f"{prefix}/oracle_perturbed"] = found["relations_perturbed"]
-      name = "" if prefix == "eval" else prefix.removeprefix("eval_") + "_"
+      png_name = ("" if prefix == "eval" else prefix.removeprefix("eval_") + "_") + "step"
       metrics.write_images(
         writer,
         step,
         f"{prefix}/gallery",
         images,
-        png_path=os.path.join(workdir, "gallery", f"{name}step_{step:06d}.png"),
+        png_path=os.path.join(workdir, "gallery", f"{png_name}_{step:06d}.png"),
         ncols=min(8, len(images)),
       )
     writer.write_scalars(step, scores)
