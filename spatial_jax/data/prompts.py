@@ -126,8 +126,6 @@ def scene_pool_prompts(
   held_out: list[str] = []
   colour_sets: set[frozenset[str]] = set()
   for _ in range(1000 * num_scenes):
-    if len(colour_sets) == num_scenes:
-      return train, held_out
     scene = scenes.sample_scene(rng, **grammar)
     colours = frozenset(o.color for o in scene.objects)
     if colours in colour_sets:
@@ -136,8 +134,8 @@ def scene_pool_prompts(
     described = _phrasings(scene, phrasings, rng)
     train += described
     held_out += _phrasings(mirrored(scene), phrasings, rng, exclude=described)
-  if len(colour_sets) == num_scenes:
-    return train, held_out
+    if len(colour_sets) == num_scenes:
+      return train, held_out
   raise ValueError(
     f"Found only {len(colour_sets)} scenes with distinct colour sets for a pool of {num_scenes} "
     f"({grammar}); lower the pool size or allow more objects."
