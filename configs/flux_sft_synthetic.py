@@ -10,6 +10,9 @@ generator for GRPO (`sft_job.load_generator`). Resumes from the workdir's latest
 
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py:smoke --workdir /tmp/f
+  # With a T5 pretrained on the grammar (configs/text_encoder_synthetic.py) instead of a random one:
+  python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft_t5 \
+    --config.text.t5_pretrained=workdirs/t5/final
 
 What it reaches (2-core CPU, 1.8M-parameter transformer, ~0.55 s a step of 32 images: 1500
 steps in ~15 min on an idle machine; the data build takes ~2.5 min more). On 128 held-out
@@ -53,6 +56,9 @@ def get_config(arg=None):
     max_length=80,  # The longest grammar prompt (76 words) + <bos> + <eos>.
     t5=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
     clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    # A T5 pretrained on the grammar (configs/text_encoder_synthetic.py's <workdir>/final), read
+    # as a real T5 is; its sizes replace `t5` above. Empty: the random frozen T5 of `seed`.
+    t5_pretrained="",
   )
   config.model = dict(
     # A diffusers transformer/ folder to start from (e.g. an earlier run's final/transformer);

@@ -3,6 +3,7 @@
 The data is written to a temporary file in the same directory (same filesystem), flushed
 and fsynced, then moved over the target with `os.replace`. Temporary names are
 `.<name>.<random>.tmp`, so `is_leftover` can recognise what an interrupted write left.
+`atomic_directory` does the same for a whole folder (a model export).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -52,3 +54,35 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def is_leftover(name: str) -> bool:
   """Whether a file name is a temporary file an interrupted `atomic_writer` left behind."""
   return bool(_LEFTOVER.match(name))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+  """Yields a temporary folder to fill; on success it becomes `path` (replacing an old one).
+
+  A crash while the folder is written leaves a `.<name>.<random>.tmp` folder beside `path`
+  (recognised by `is_leftover`) and any old `path` untouched, so a reader never finds half a
+  folder at `path`. The old folder is moved aside before the new one is renamed in, so a crash
+  between the two renames leaves no `path` at all, never a mix. Object stores (gs://) have no
+  rename: there the files are written into `path` directly.
+  """
+  path = os.fspath(path)
+  if "://" in path:
+    yield path
+    return
+  parent, name = os.path.split(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+  try:
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; outputs should be readable by others.
+    yield tmp
+    old = None
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+      os.replace(path, os.path.join(old, name))
+    os.replace(tmp, path)
+    if old is not None:
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
   "data_synthetic": "spatial_jax.data.synthetic_job:run",
   "reward_train": "spatial_jax.reward.train:run",
   "reward_eval": "spatial_jax.reward.evaluate_job:run",
+  "text_encoder_synthetic": "spatial_jax.diffusion.text_encoder_job:run",
   "flux_sft": "spatial_jax.diffusion.sft_job:run",
   "grpo": "spatial_jax.rl.train:run",
   "sample": "spatial_jax.diffusion.sample_job:run",

@@ -23,3 +23,18 @@ def test_leftover_names():
   assert fileio.is_leftover(".img_1.png.k3j_9x.tmp")
   assert not fileio.is_leftover("img.tmp-1.png")
   assert not fileio.is_leftover("a.tmp")
+
+
+def test_atomic_directory_swaps_in_a_whole_folder_or_nothing(tmp_path):
+  target = tmp_path / "final"
+  with fileio.atomic_directory(target) as tmp:
+    assert fileio.is_leftover(os.path.basename(tmp)) and not target.exists()
+    (open(os.path.join(tmp, "a"), "w")).write("old")
+  assert os.listdir(target) == ["a"] and oct(target.stat().st_mode & 0o777) == "0o755"
+  with pytest.raises(RuntimeError), fileio.atomic_directory(target) as tmp:
+    (open(os.path.join(tmp, "b"), "w")).write("half")
+    raise RuntimeError("killed")
+  assert os.listdir(target) == ["a"] and os.listdir(tmp_path) == ["final"]
+  with fileio.atomic_directory(target) as tmp:
+    (open(os.path.join(tmp, "b"), "w")).write("new")
+  assert os.listdir(target) == ["b"] and os.listdir(tmp_path) == ["final"]

@@ -46,9 +46,13 @@ def build_tokenizer() -> Tokenizer:
   return tokenizer
 
 
-def _fast_tokenizer(tokenizer: Tokenizer) -> transformers.PreTrainedTokenizerFast:
+def _fast_tokenizer(
+  tokenizer: Tokenizer, model_max_length: int | None = None
+) -> transformers.PreTrainedTokenizerFast:
+  extra = {} if model_max_length is None else {"model_max_length": int(model_max_length)}
   return transformers.PreTrainedTokenizerFast(
     tokenizer_object=tokenizer,
+    **extra,
     pad_token=PAD,
     unk_token=UNK,
     bos_token=BOS,
@@ -58,14 +62,17 @@ def _fast_tokenizer(tokenizer: Tokenizer) -> transformers.PreTrainedTokenizerFas
   )
 
 
-def save_tokenizer(directory: str | os.PathLike) -> str:
+def save_tokenizer(directory: str | os.PathLike, *, model_max_length: int | None = None) -> str:
   """Writes tokenizer.json + tokenizer_config.json (+ special tokens map) into `directory`.
+
+  `model_max_length` (tokenizer_config.json's entry) records the padded length a model was
+  trained at, e.g. the synthetic T5's, whose states change with the amount of padding.
 
   Returns:
     The path of tokenizer.json.
   """
   os.makedirs(directory, exist_ok=True)
-  _fast_tokenizer(build_tokenizer()).save_pretrained(os.fspath(directory))
+  _fast_tokenizer(build_tokenizer(), model_max_length).save_pretrained(os.fspath(directory))
   return os.path.join(os.fspath(directory), "tokenizer.json")
 
 

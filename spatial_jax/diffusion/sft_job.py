@@ -270,9 +270,16 @@ def build_codec(config: Any) -> synthetic.PixelCodec:
 
 
 def build_prompt_encoder(config: Any) -> synthetic.PromptEncoder:
+  """The frozen text encoders of `config.text`: random from `seed`, or with
+  `t5_pretrained` (a `text_encoder_synthetic` final/ folder) T5 read from it (then `t5`'s sizes
+  are the folder's) and CLIP random as without."""
   t = config.text
   return synthetic.build_prompt_encoder(
-    seed=t.seed, max_length=t.max_length, t5=dict(t.t5), clip=dict(t.clip)
+    seed=t.seed,
+    max_length=t.max_length,
+    t5=dict(t.t5),
+    clip=dict(t.clip),
+    t5_pretrained=t.get("t5_pretrained", ""),  # Absent in configs written before it existed.
   )
 
 

@@ -18,6 +18,10 @@ In the synthetic world none of them is trained:
   word order, and the layers are shallow enough not to wash either out. The transformer's
   context embedder and joint attention learn which directions mean "red", "circle" or "left of".
   (FLUX's own text ids are all zero, so word order reaches it only through the encoders.)
+  A random T5 cannot bind a colour word to the relation that places it, though, so
+  `build_prompt_encoder(t5_pretrained=...)` can read a T5 pretrained on the grammar instead
+  (job `text_encoder_synthetic`, the stand-in for T5-XXL's language pretraining), through the
+  same `T5EncoderModel.from_pretrained` a real T5 takes.
 - `PromptEncoder` tokenizes prompts and returns `(prompt_embeds (B, T, D), pooled (B, P))` as
   diffusers' `FluxPipeline.encode_prompt` does: T5 states over the padded prompt without an
   attention mask, and CLIP's pooled output at the end-of-text token.
@@ -265,7 +269,14 @@ class PromptEncoder:
   wherever the caller's jit places them when `encode_ids` is called inside one).
   """
 
-  def __init__(self, encoders: TextEncoders, max_length: int, *, seed: int | None = None):
+  def __init__(
+    self,
+    encoders: TextEncoders,
+    max_length: int,
+    *,
+    seed: int | None = None,
+    t5_pretrained: str | None = None,
+  ):
     if encoders.clip.config.max_position_embeddings < max_length:
       raise ValueError(
         f"max_length={max_length} exceeds CLIP's max_position_embeddings "
@@ -274,6 +285,7 @@ class PromptEncoder:
     self.encoders = encoders
     self.max_length = max_length
     self.seed = seed
+    self.t5_pretrained = t5_pretrained or None  # Where the T5 weights came from (provenance).
     self.tokenizer = SyntheticTokenizer(max_length, bos=True)  # CLIP's.
     self.tokenizer_2 = SyntheticTokenizer(max_length, bos=False)  # T5's.
     self._graphdef, self._state = nnx.split(encoders)
@@ -318,6 +330,7 @@ class PromptEncoder:
     return dict(
       max_length=self.max_length,
       seed=self.seed,
+      t5_pretrained=self.t5_pretrained,
       t5={k: v for k, v in dataclasses.asdict(t5).items() if k not in ("dtype", "param_dtype")},
       clip={k: v for k, v in dataclasses.asdict(clip).items() if k not in ("dtype", "param_dtype")},
     )
@@ -329,17 +342,69 @@ def build_prompt_encoder(
   max_length: int = 80,
   t5: dict[str, Any] | None = None,
   clip: dict[str, Any] | None = None,
+  t5_pretrained: str | os.PathLike = "",
 ) -> PromptEncoder:
   """The frozen synthetic encoders from a seed: the same seed and sizes give the same weights.
 
   80 tokens hold the longest prompt of the grammar (76 words) plus `<bos>` and `<eos>`.
+
+  With `t5_pretrained` (a folder `text_encoder_synthetic` wrote: a transformers T5 encoder and
+  the synthetic tokenizer), T5 is read from it with `T5EncoderModel.from_pretrained`, as a real
+  T5 is, and its sizes replace `t5`; CLIP stays the random one of `seed`.
   """
-  t5_cfg, clip_cfg = t5_config(**(t5 or {})), clip_config(max_length, **(clip or {}))
+  pretrained = load_pretrained_t5(t5_pretrained, max_length) if t5_pretrained else None
+  t5_cfg = pretrained.config if pretrained else t5_config(**(t5 or {}))
+  clip_cfg = clip_config(max_length, **(clip or {}))
   # Unsharded (no mesh needed: they are tiny, and jit replicates them where used).
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(lambda: TextEncoders(t5_cfg, clip_cfg, seed=seed))
     encoders = nnx.merge(nnx.graphdef(abstract), _init_state(t5_cfg, clip_cfg, seed))
-  return PromptEncoder(encoders, max_length, seed=seed)
+  if pretrained is not None:
+    encoders.t5 = pretrained  # CLIP's weights come from its own key: the same as without.
+  return PromptEncoder(encoders, max_length, seed=seed, t5_pretrained=os.fspath(t5_pretrained))
+
+
+def load_pretrained_t5(directory: str | os.PathLike, max_length: int) -> T5EncoderModel:
+  """A T5 encoder folder for the synthetic tokenizer (`text_encoder_synthetic`'s `final/`).
+
+  Raises:
+    FileNotFoundError: the folder lacks config.json / weights / tokenizer files.
+    ValueError: its vocabulary or its trained prompt length (tokenizer_config.json's
+      `model_max_length`) differ from the synthetic tokenizer's and `max_length`.
+  """
+  directory = os.fspath(directory)
+  tokenizer_path = os.path.join(directory, "tokenizer.json")
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  for path in (tokenizer_path, config_path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+        f"T5 folder {directory!r} has no {os.path.basename(path)}: config.text.t5_pretrained "
+        "must be a folder text_encoder_synthetic wrote (its final/), with the tokenizer."
+      )
+  with open(tokenizer_path) as f:
+    vocab = json.load(f).get("model", {}).get("vocab")
+  expected = {token: index for index, token in enumerate(tokenizer_lib.vocabulary())}
+  if vocab != expected:
+    raise ValueError(
+      f"{tokenizer_path}: its vocabulary ({len(vocab or {})} tokens) is not the synthetic "
+      f"tokenizer's ({len(expected)} tokens, same ids): the T5 was trained on other token ids."
+    )
+  with open(config_path) as f:
+    trained_length = json.load(f).get("model_max_length")
+  if trained_length != max_length:
+    raise ValueError(
+      f"{config_path}: the T5 was trained on prompts padded to model_max_length="
+      f"{trained_length}, but config.text.max_length={max_length}; without an attention mask "
+      "its states depend on the padding, so the two must be equal."
+    )
+  model = T5EncoderModel.from_pretrained(directory)
+  if model.config.vocab_size != len(expected):
+    raise ValueError(
+      f"{directory}/config.json: vocab_size={model.config.vocab_size}, but the synthetic "
+      f"tokenizer has {len(expected)} tokens."
+    )
+  logging.info("Read the pretrained T5 encoder %s (%s)", directory, model.config)
+  return model
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -394,4 +459,9 @@ def load_text_encoders(directory: str | os.PathLike) -> PromptEncoder:
         f"{directory}/{ENCODERS_WEIGHTS}: {name} is {value.shape}, not {variable.shape}"
       )
     variable.set_value(jnp.asarray(value, variable.dtype))
-  return PromptEncoder(encoders, saved["max_length"], seed=saved.get("seed"))
+  return PromptEncoder(
+    encoders,
+    saved["max_length"],
+    seed=saved.get("seed"),
+    t5_pretrained=saved.get("t5_pretrained"),
+  )

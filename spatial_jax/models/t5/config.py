@@ -84,6 +84,27 @@ class T5Config:
       raise TypeError(f"T5Config.from_hf_config: unknown runtime fields {sorted(unknown)}.")
     return cls(**{k: v for k, v in hf.items() if k in names}, **runtime)
 
+  def to_hf_config(self, **extra: Any) -> dict[str, Any]:
+    """A transformers `config.json` dict of the encoder (what `T5EncoderModel.save_pretrained`
+    writes): `from_hf_config` and `transformers.T5Config` read it. `extra` adds or overrides
+    entries (e.g. the tokenizer's `pad_token_id` / `eos_token_id`).
+
+    `dropout_rate` is 0: our port has no dropout, so a torch model built from the file in train
+    mode computes what ours does. `dtype` is the parameter dtype the weights are written in.
+    """
+    names = [f.name for f in dataclasses.fields(self) if f.name not in _RUNTIME]
+    config = dict(
+      architectures=["T5EncoderModel"],
+      model_type="t5",
+      **{name: getattr(self, name) for name in names},
+      num_decoder_layers=self.num_layers,
+      dropout_rate=0.0,
+      is_encoder_decoder=False,
+      use_cache=False,
+      dtype=self.param_dtype,
+    )
+    return {**config, **extra}
+
   @classmethod
   def t5_v1_1_xxl(cls, **overrides: Any) -> T5Config:
     """google/t5-v1_1-xxl, FLUX.1's `text_encoder_2` (flux.md §13): 24 layers, 64 x 64 heads."""

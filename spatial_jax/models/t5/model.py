@@ -15,7 +15,8 @@ encoder side only. Numerics follow it exactly:
 Attribute names are transformers' module names (`block`/`layer` are `nnx.List`s), so the key map
 is mechanical: `encoder.block.0.layer.0.SelfAttention.q.weight` ([out, in]) is our transposed
 `encoder.block.0.layer.0.SelfAttention.q.kernel`, Embedding `.weight` is `.embedding`, and
-norm `.weight` keeps its name.
+norm `.weight` keeps its name. `save_pretrained` writes the same map backwards (a folder that
+`transformers.T5EncoderModel.from_pretrained` reads), for encoders trained here.
 
 Compute runs in `config.dtype`; the attention logits, the bias and the softmax are fp32 (where
 transformers' eager path adds and normalises in the activation dtype), which only matters for
@@ -25,6 +26,7 @@ upcasts `wo` only for fp16 loads; at bf16 (FLUX's dtype) it keeps every weight i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spatial_jax import hf, sharding
+from spatial_jax import fileio, hf, sharding
 from spatial_jax.models.t5.config import T5Config
 from spatial_jax.sharding import shard
 
@@ -374,3 +376,54 @@ def key_rules(keys: Iterable[str], our_paths: set[str]) -> list[hf.KeyRule]:
     rules.append(hf.KeyRule(r"encoder\.embed_tokens\.weight", target))
   rules += [hf.KeyRule(re.escape(k), *hf_key_to_path(k, our_paths)) for k in keys]
   return rules
+
+
+# --- Writing --------------------------------------------------------------------------------------
+
+
+def path_to_hf_key(path: str) -> tuple[str, bool]:
+  """The transformers key of one of our variable paths, and whether its array is transposed
+  (the inverse of `hf_key_to_path`)."""
+  stem, _, leaf = path.rpartition(".")
+  if leaf == "kernel":  # nnx.Linear [in, out] -> nn.Linear [out, in].
+    return f"{stem}.weight", True
+  if leaf == "embedding":
+    return f"{stem}.weight", False
+  return path, False
+
+
+def to_hf_state(model: T5EncoderModel) -> dict[str, np.ndarray]:
+  """The model's weights as transformers names them (`shared.weight`, `encoder.block.0...`),
+  as host numpy arrays in their own dtype. Sharded weights are gathered (every process must
+  call it)."""
+  out = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = variable.get_value()
+    if value.is_fully_addressable:
+      value = np.asarray(jax.device_get(value))
+    else:
+      from jax.experimental import multihost_utils
+
+      value = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    key, transposed = path_to_hf_key(".".join(str(p) for p in path))
+    out[key] = np.ascontiguousarray(value.T if transposed else value)
+  return out
+
+
+def save_pretrained(
+  model: T5EncoderModel, directory: str | os.PathLike, **config_extra: Any
+) -> None:
+  """Writes a transformers T5 encoder folder (`config.json` + `model.safetensors`) that
+  `T5EncoderModel.from_pretrained` and `transformers.T5EncoderModel.from_pretrained` read.
+
+  `config_extra` goes into config.json (e.g. `pad_token_id`, `eos_token_id`). Each file is
+  written atomically; every process must call it (sharded weights are gathered), process 0
+  writes.
+  """
+  tensors = to_hf_state(model)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  hf.save_safetensors(tensors, os.path.join(directory, "model.safetensors"), {"format": "pt"})
+  config = json.dumps(model.config.to_hf_config(**config_extra), indent=2, sort_keys=True) + "\n"
+  fileio.write_atomic(os.path.join(directory, "config.json"), config.encode())

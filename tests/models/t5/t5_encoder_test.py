@@ -206,3 +206,21 @@ def test_sharded_load_matches_torch(saved):
   with sharding.use_mesh(mesh, rules):
     got = _ours(model, ids)
   _close(got, _torch_forward(saved[0], ids))
+
+
+def test_save_pretrained_round_trips_and_transformers_reads_it(ours, saved, tmp_path):
+  from spatial_jax.models.t5 import model as t5_model
+
+  t5_model.save_pretrained(ours, tmp_path, pad_token_id=0, eos_token_id=3)
+  written = hf.SafetensorsFolder(tmp_path)
+  original = hf.SafetensorsFolder(saved[1])
+  assert written.keys() == original.keys()
+  for key in written.keys():  # The same tensors as transformers' own save (torch layout).
+    np.testing.assert_array_equal(written.read(key), original.read(key), err_msg=key)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model_type"] == "t5" and config["eos_token_id"] == 3
+  assert T5Config.from_hf_config(config) == ours.config
+  ids = _ids(2, LONG)
+  reloaded = transformers.T5EncoderModel.from_pretrained(tmp_path).eval()
+  _close(_ours(T5EncoderModel.from_pretrained(tmp_path), ids), _torch_forward(saved[0], ids), 1e-5)
+  _close(_torch_forward(reloaded, ids), _torch_forward(saved[0], ids), 1e-6)
