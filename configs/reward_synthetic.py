@@ -89,6 +89,8 @@ def get_config(arg=None):
     # The colour-grounding auxiliary (reward.grounding): without it the tiny model trained
     # from scratch stays at chance.
     grounding_weight=1.0,
+    # Each image token predicts its own place through the grounding head (grounding.py).
+    grounding_image_weight=0.0,
     checkpoint_every=500,
     keep_checkpoints=2,
   )

@@ -57,7 +57,7 @@ def colour_centroids(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.stack([cx, cy], axis=-1).astype(np.float32), counts > 0
 
 
-def centroid_loss(
+def centroid_axis_errors(
   predicted: jax.Array,
   input_ids: jax.Array,
   attention_mask: jax.Array,
@@ -65,7 +65,7 @@ def centroid_loss(
   centroids: jax.Array,
   present: jax.Array,
 ) -> jax.Array:
-  """Mean squared error (summed over x, y) of the predicted centroid at each colour word.
+  """Mean squared error of the predicted centroid at each colour word, per axis: (2,) = (x, y).
 
   Args:
     predicted: (N, L, 2) the grounding head at every position.
@@ -76,6 +76,48 @@ def centroid_loss(
   is_colour = (input_ids[..., None] == colour_ids) & (attention_mask[..., None] > 0)  # (N, L, C)
   weight = (is_colour & present[:, None, :]).astype(jnp.float32)
   target = jnp.einsum("nlc,ncx->nlx", weight, centroids.astype(jnp.float32))
-  per_token = jnp.sum((predicted.astype(jnp.float32) - target) ** 2, axis=-1)
+  squared = (predicted.astype(jnp.float32) - target) ** 2  # (N, L, 2)
   token_weight = weight.sum(-1)
-  return jnp.sum(per_token * token_weight) / jnp.maximum(token_weight.sum(), 1.0)
+  return jnp.einsum("nlx,nl->x", squared, token_weight) / jnp.maximum(token_weight.sum(), 1.0)
+
+
+def centroid_loss(*args: jax.Array) -> jax.Array:
+  """The grounding loss: `centroid_axis_errors` summed over x and y (same arguments)."""
+  return jnp.sum(centroid_axis_errors(*args))
+
+
+def image_token_places(input_ids: jax.Array, image_token_id: int, grid: tuple[int, int]):
+  """Where each image token of the sequences sits in its image.
+
+  The decoder's image tokens are the merged patches in row-major order, `grid` = (rows,
+  columns) of them per image (every image of a synthetic batch has the same size).
+
+  Returns:
+    places: float32 (N, L, 2), the (x, y) of each image token's centre in [-1, 1] (0 elsewhere).
+    is_image: bool (N, L).
+  """
+  rows, cols = grid
+  is_image = input_ids == image_token_id
+  index = jnp.cumsum(is_image, axis=-1) - 1  # Each image token's index within its image.
+  x = ((index % cols) + 0.5) / cols * 2 - 1
+  y = ((index // cols) % rows + 0.5) / rows * 2 - 1
+  places = jnp.stack([x, y], axis=-1) * is_image[..., None]
+  return places.astype(jnp.float32), is_image
+
+
+def image_place_loss(
+  predicted: jax.Array, input_ids: jax.Array, image_token_id: int, grid: tuple[int, int]
+) -> jax.Array:
+  """Mean squared error (summed over x, y) of each image token's predicted own place.
+
+  The second half of grounding: `centroid_loss` asks a colour word where its object is, and
+  this asks every image token, through the same head, where it is itself. A model trained from
+  scratch has no absolute positions in its image tokens (Qwen2.5-VL's vision tower has only
+  relative 2D RoPE), so a colour word attending to its object's tokens has no place to read
+  from until this is learned; with one head for both, the place a colour word reports and the
+  place an image token carries live in the same directions of the hidden state.
+  """
+  places, is_image = image_token_places(input_ids, image_token_id, grid)
+  squared = jnp.sum((predicted.astype(jnp.float32) - places) ** 2, axis=-1)
+  weight = is_image.astype(jnp.float32)
+  return jnp.sum(squared * weight) / jnp.maximum(weight.sum(), 1.0)

@@ -93,6 +93,11 @@ class SpatialScoreModel(nnx.Module):
 
   def forward(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(mu, sigma, the decoder's last hidden states (N, L, hidden))."""
+    return self.forward_with_embeds(inputs)[:3]
+
+  def forward_with_embeds(self, inputs: ModelInputs) -> tuple[jax.Array, ...]:
+    """(mu, sigma, last hidden states, the decoder's input embeddings (N, L, hidden)): at the
+    image tokens the embeddings are the vision tower's output."""
     backbone = self.backbone
     embeds = backbone.embed_inputs(inputs)
     is_reward = inputs.input_ids == self.reward_token_id
@@ -104,7 +109,7 @@ class SpatialScoreModel(nnx.Module):
     last = length - 1 - jnp.argmax(is_reward[:, ::-1], axis=1)
     pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     mu, sigma = self.head(pooled)
-    return mu, sigma, hidden
+    return mu, sigma, hidden, embeds
 
 
 def trainable_filter(mode: str) -> nnx.filterlib.Filter:

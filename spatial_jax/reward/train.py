@@ -159,7 +159,14 @@ def global_pair_inputs(
   return PairBatch(out, centroids, present, rows_per_pair=host.rows_per_pair)
 
 
-def loss_fn(model, batch: PairBatch | ModelInputs, key: jax.Array, config: Any, colour_ids=None):
+def loss_fn(
+  model,
+  batch: PairBatch | ModelInputs,
+  key: jax.Array,
+  config: Any,
+  colour_ids=None,
+  image_places: tuple[int, tuple[int, int]] | None = None,
+):
   """The preference loss (+ the colour-grounding auxiliary) of one batch, and its metrics.
 
   Two rows per pair: the configured loss on (chosen, rejected) under the prompt. Four rows
@@ -167,11 +174,18 @@ def loss_fn(model, batch: PairBatch | ModelInputs, key: jax.Array, config: Any, 
   image is the right one, averaged with the first; plus `text_contrast_weight` times the loss
   of each image preferring the prompt it was made for, which holds the image fixed and so
   asks the model to read the changed relation in the text.
+
+  `image_places` = (image token id, merged grid (rows, columns)) adds
+  `grounding_image_weight` times `grounding.image_place_loss` (with the grounding loss on).
   """
   if isinstance(batch, ModelInputs):
     batch = PairBatch(batch)
   grounding_on = batch.centroids is not None and colour_ids is not None
-  mu, sigma, hidden = model.forward(batch.inputs)
+  image_weight = config.train.get("grounding_image_weight", 0.0)
+  if grounding_on and image_places is not None and image_weight > 0:
+    mu, sigma, hidden, embeds = model.forward_with_embeds(batch.inputs)
+  else:
+    (mu, sigma, hidden), embeds = model.forward(batch.inputs), None
   mu, sigma = mu.reshape(-1, batch.rows_per_pair).T, sigma.reshape(-1, batch.rows_per_pair).T
   pair_loss = losses.get_loss(config.loss)
   keys = jax.random.split(key, 4)
@@ -190,7 +204,7 @@ def loss_fn(model, batch: PairBatch | ModelInputs, key: jax.Array, config: Any, 
   aux["preference_loss"] = main
   if grounding_on:
     inputs = batch.inputs
-    ground = grounding.centroid_loss(
+    axis_errors = grounding.centroid_axis_errors(
       model.grounding_head(hidden),
       inputs.input_ids,
       inputs.attention_mask,
@@ -198,14 +212,34 @@ def loss_fn(model, batch: PairBatch | ModelInputs, key: jax.Array, config: Any, 
       batch.centroids,
       batch.present,
     )
+    ground = jnp.sum(axis_errors)
     loss = loss + config.train.grounding_weight * ground
-    aux["grounding_loss"] = ground
+    aux.update(grounding_loss=ground, grounding_x=axis_errors[0], grounding_y=axis_errors[1])
+    if embeds is not None:
+      image_token_id, grid = image_places
+      place = grounding.image_place_loss(
+        model.grounding_head(embeds), inputs.input_ids, image_token_id, grid
+      )
+      loss = loss + image_weight * place
+      aux["grounding_image_loss"] = place
   aux.update(loss=loss, sigma=jnp.mean(sigma))
   return loss, aux
 
 
+def image_places(model_config, image_size: int) -> tuple[int, tuple[int, int]]:
+  """(image token id, merged grid) of the square `image_size` images a synthetic batch holds."""
+  v = model_config.vision
+  side = image_size // (v.patch_size * v.spatial_merge_size)
+  return model_config.image_token_id, (side, side)
+
+
 def make_train_step(
-  graphdef, tx: optax.GradientTransformation, config: Any, key: jax.Array, colour_ids=None
+  graphdef,
+  tx: optax.GradientTransformation,
+  config: Any,
+  key: jax.Array,
+  colour_ids=None,
+  image_places: tuple[int, tuple[int, int]] | None = None,
 ):
   """The pure step: (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, aux).
 
@@ -222,7 +256,7 @@ def make_train_step(
 
     def objective(trainable):
       model = nnx.merge(graphdef, trainable, frozen)
-      return loss_fn(model, inputs, step_key, config, colour_ids)
+      return loss_fn(model, inputs, step_key, config, colour_ids, image_places)
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -320,7 +354,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   colour_ids = None
   if config.train.get("grounding_weight", 0.0) > 0:
     colour_ids = jnp.asarray(grounding.colour_token_ids(built.tokenizer))
-  train_step = make_train_step(graphdef, tx, config, key, colour_ids)
+  train_step = make_train_step(
+    graphdef, tx, config, key, colour_ids, image_places(built.model.backbone.config, image_size)
+  )
   # Metrics and scores replicated: every process can read them (also when it holds no shard).
   replicated = sharding.named_sharding(mesh, (), rules)
   p_step = jax.jit(

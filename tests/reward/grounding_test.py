@@ -126,3 +126,19 @@ def test_four_row_batches_pair_each_image_with_its_centroids():
   np.testing.assert_array_equal(host.centroids, grounding.colour_centroids(images)[0])
   green = grounding.COLOURS.index("green")
   assert (host.centroids[0::2, green] < 0).all() and (host.centroids[1::2, green] > 0).all()
+
+
+def test_image_token_places_row_major():
+  # <bos> then a 2x3 merged grid of image tokens (id 4), then text; a second row with padding.
+  ids = np.array([[1, 4, 4, 4, 4, 4, 4, 9, 9], [1, 9, 4, 4, 4, 4, 4, 4, 0]], np.int32)
+  places, is_image = grounding.image_token_places(jnp.asarray(ids), 4, (2, 3))
+  assert is_image.sum() == 12
+  xs = (np.arange(3) + 0.5) / 3 * 2 - 1
+  ys = (np.arange(2) + 0.5) / 2 * 2 - 1
+  want = np.stack(np.meshgrid(xs, ys), -1).reshape(6, 2)  # Row-major (x, y).
+  np.testing.assert_allclose(places[0, 1:7], want, atol=1e-6)
+  np.testing.assert_allclose(places[1, 2:8], want, atol=1e-6)
+  assert not np.asarray(places[0, 7:]).any() and not np.asarray(places[1, :2]).any()
+  predicted = jnp.zeros((2, 9, 2))
+  loss = grounding.image_place_loss(predicted, jnp.asarray(ids), 4, (2, 3))
+  np.testing.assert_allclose(loss, np.mean((want**2).sum(-1)), rtol=1e-6)
