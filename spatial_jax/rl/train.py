@@ -185,10 +185,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       for name, fn in reward_fns.items():
         scores[f"{prefix}/{name}"] = float(np.mean(fn(images, eval_prompts)))
       if "oracle" in reward_fns:
-        found = generator_lib.oracle_report(images, eval_prompts, 1)["all"]
+        report = generator_lib.oracle_report(images, eval_prompts, 1)
+        found = report["all"]
         scores[f"{prefix}/oracle_objects"] = found["objects"]
         # Chance level of the layout: the same images against one relation changed.
         scores[f"{prefix}/oracle_perturbed"] = found["relations_perturbed"]
+        for length in ("short", "long"):  # One-relation prompts, and 2-4 relations.
+          if length in report:
+            scores[f"{prefix}/oracle_{length}"] = report[length]["relations"]
+            scores[f"{prefix}/oracle_{length}_perturbed"] = report[length]["relations_perturbed"]
       png_name = ("" if prefix == "eval" else prefix.removeprefix("eval_") + "_") + "step"
       metrics.write_images(
         writer,
