@@ -1,5 +1,4 @@
-r"""The synthetic world end to end: pairs -> SpatialScore -> text encoder -> base generator -> GRPO
-on SpatialScore -> report.md.
+r"""The synthetic world end to end: pairs -> SpatialScore -> base generator -> GRPO -> report.md.
 
   python -m spatial_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
   python -m spatial_jax.main --config configs/quickstart.py:smoke --workdir /tmp/q
@@ -18,35 +17,37 @@ def get_config(arg=None):
   config = configs_lib.base_config("quickstart")
   config.data = configs_lib.load_config("configs/data_synthetic.py", "size=32")
   config.reward = configs_lib.load_config("configs/reward_synthetic.py", smoke)
-  config.text_encoder = configs_lib.load_config("configs/text_encoder_synthetic.py", smoke)
   config.generator = configs_lib.load_config("configs/flux_sft_synthetic.py", smoke)
-  # GRPO as the paper runs it: the stage's own SpatialScore is the reward, the prompts are fresh
-  # grammar scenes at every step, and held-out fresh scenes are judged by the oracle only.
-  config.grpo = configs_lib.load_config("configs/grpo_synthetic.py", smoke)
+  # GRPO on a fixed pool of 8 one-relation scenes, held out in other words (and fresh scenes),
+  # trained on the oracle: the quickstart's 1,000-step SpatialScore is too weak a reward (its
+  # vertical relations are at chance, and GRPO on it degrades the images; README, GRPO).
+  config.grpo = configs_lib.load_config(
+    "configs/grpo_synthetic.py", "smoke,pool=2" if arg.smoke else "pool=8"
+  )
   # The stages' data: one pairs folder, from the data section (the stages build none).
   config.data.update(num_train=20_000, num_test=512, verify_with_oracle=False)
-  config.grpo.reward.oracle = True  # Judges (eval) and is logged; it does not train.
-  config.grpo.reward.tiny_spatial_score = False  # The trained one from reward/.
-  config.grpo.reward.train_on = "spatial_score"
-  # A CPU budget of ~40 minutes: SpatialScore shortened (reward_synthetic runs 2,200 steps).
-  config.reward.train.steps = 1500
+  config.grpo.reward.oracle = True
+  config.grpo.reward.tiny_spatial_score = False  # The trained one from reward/, logged.
+  config.grpo.reward.train_on = "oracle_soft"
+  # A CPU budget of ~30 minutes: SpatialScore and GRPO shortened (their own configs run longer).
+  # SpatialScore leaves chance near step 600: 1,000 steps reach 0.74 held-out (horizontal
+  # relations 0.94, vertical ones still near chance); reward_synthetic's 2,200 reach 0.985.
+  config.reward.train.steps = 1000
+  # Measured without the image-place grounding that reward_synthetic now uses (README): at 1,000
+  # steps that auxiliary gave 0.78 held-out, within the spread of this stage's 0.74-0.91.
+  config.reward.train.grounding_image_weight = 0.0
   config.reward.eval.max_pairs = 512
   config.reward.eval_every_steps = 250
-  # The settings that move layouts within a CPU budget (README, GRPO): 16 samples per prompt
-  # from one initial noise, the top-4 and bottom-4 kept, the first 4 of 10 steps stochastic.
-  config.grpo.grpo.update(
-    prompts_per_step=4, group_size=16, topk=4, same_initial_noise=True, sde_window=(0, 4)
-  )
-  config.grpo.train.update(steps=80, lr=1e-3, num_minibatches=1)
-  config.grpo.eval.update(every_steps=20, num_prompts=128)
+  config.grpo.grpo.prompts_per_step = 4
+  config.grpo.data.pool_phrasings = 8  # 64 held-out wordings of the 8 scenes.
+  config.grpo.train.steps = 80
+  config.grpo.eval.num_prompts = 64
   if arg.smoke:
     config.reward.train.steps = 4
     config.reward.eval.max_pairs = 16
     config.reward.eval_every_steps = 2
-    config.grpo.reward.tiny_spatial_score = False
-    config.grpo.grpo.update(prompts_per_step=2, group_size=8, topk=2, sde_window=(0, 2))
     config.grpo.train.steps = 2
-    config.grpo.eval.update(every_steps=0, num_prompts=4)
+    config.grpo.eval.num_prompts = 4
     config.data.update(num_train=96, num_test=32, gallery_pairs=8)
     config.grpo.sampling.cfg_scale = -1.0  # The generator's own (flux_sft's gallery setting).
   return config

@@ -90,7 +90,7 @@ def get_config(arg=None):
     # from scratch stays at chance.
     grounding_weight=1.0,
     # Each image token predicts its own place through the grounding head (grounding.py).
-    grounding_image_weight=0.0,
+    grounding_image_weight=1.0,
     checkpoint_every=500,
     keep_checkpoints=2,
   )

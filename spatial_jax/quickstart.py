@@ -2,14 +2,12 @@
 
   pairs/       data_synthetic: (prompt, chosen, rejected) pairs
   reward/      reward_train: SpatialScore on the pairs
-  text_encoder/ text_encoder_synthetic: the tiny T5 pretrained on the grammar (T5-XXL's role)
-  generator/   flux_sft: the tiny FLUX base generator on the pairs' chosen images, reading
-               prompts through text_encoder/final
-  grpo/        grpo: the generator + LoRA fine-tuned with the configured reward (SpatialScore)
+  generator/   flux_sft: the tiny FLUX base generator on the pairs' chosen images
+  grpo/        grpo: the generator + LoRA fine-tuned with the configured reward
   report.md    what each stage reached and took, before/after GRPO, curves and galleries
 
 Each stage is a job of its own with its own config section (`config.data`, `config.reward`,
-`config.text_encoder`, `config.generator`, `config.grpo`: the stage configs of configs/*.py); the quickstart only
+`config.generator`, `config.grpo`: the stage configs of configs/*.py); the quickstart only
 wires their folders together. A stage whose `summary.json` exists is done and is not rerun;
 an interrupted stage resumes from its checkpoints, so rerunning the command continues.
 """
@@ -25,7 +23,7 @@ from absl import logging
 
 from spatial_jax import fileio, metrics
 
-STAGES = ("pairs", "reward", "text_encoder", "generator", "grpo")
+STAGES = ("pairs", "reward", "generator", "grpo")
 
 
 def _summary(folder: str, name: str = "summary.json") -> dict[str, Any] | None:
@@ -51,7 +49,7 @@ def _stage(workdir: str, name: str, run, config: Any, done_file: str = "summary.
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the four stages (see the module docstring) and writes report.md; returns its data."""
   from spatial_jax.data import synthetic_job
-  from spatial_jax.diffusion import sft_job, text_encoder_job
+  from spatial_jax.diffusion import sft_job
   from spatial_jax.reward import train as reward_train
   from spatial_jax.rl import train as grpo_train
 
@@ -64,11 +62,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   )
   config.reward.data.pairs = pairs
   reward, seconds["reward"] = _stage(workdir, "reward", reward_train.run, config.reward)
-  text_encoder, seconds["text_encoder"] = _stage(
-    workdir, "text_encoder", text_encoder_job.run, config.text_encoder
-  )
   config.generator.data.pairs = pairs
-  config.generator.text.t5_pretrained = os.path.join(workdir, "text_encoder", "final")
   generator, seconds["generator"] = _stage(workdir, "generator", sft_job.run, config.generator)
   config.grpo.model.generator = os.path.join(workdir, "generator", "final")
   config.grpo.reward.spatial_score = os.path.join(workdir, "reward")
@@ -77,7 +71,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   report = dict(
     seconds={k: round(v, 1) for k, v in seconds.items()},
     reward=reward,
-    text_encoder=text_encoder,
     generator=generator,
     grpo=grpo,
     grpo_curve=eval_curve(os.path.join(workdir, "grpo")),
@@ -123,8 +116,6 @@ def render_report(report: dict[str, Any], config: Any) -> str:
   grpo = report.get("grpo") or {}
   before, after = grpo.get("before") or {}, grpo.get("after") or {}
   gen_gallery = (report.get("generator") or {}).get("gallery", {})
-  text_encoder = report.get("text_encoder") or {}
-  probe = text_encoder.get("probe") or {}
   lines = [
     "# Quickstart report: the synthetic world end to end",
     "",
@@ -138,25 +129,7 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "## SpatialScore (reward/)",
     "",
     f"Held-out pairwise accuracy: {_fmt(reward_eval.get('accuracy'))} "
-    f"(horizontal {_fmt(reward_eval.get('accuracy_horizontal'))}, vertical "
-    f"{_fmt(reward_eval.get('accuracy_vertical'))}; untrained ~0.5, the oracle 1.0). "
-    "Curve: reward/learning_curve.png.",
-    "",
-    "## Text encoder (text_encoder/)",
-    "",
-    "A linear probe of each object's side (left/right, above/below) from the frozen T5",
-    "features at its colour word, on held-out prompts (chance 0.5):",
-    "",
-    "| T5 | x | y | mean |",
-    "|---|---|---|---|",
-    *(
-      f"| {name} | "
-      + " | ".join(_fmt(probe.get(name, {}).get(k)) for k in ("x", "y", "mean"))
-      + " |"
-      for name in ("random", "pretrained")
-    ),
-    "",
-    f"The parse head's held-out sign accuracy: {_fmt(text_encoder.get('parse_sign_accuracy'))}.",
+    f"(untrained ~0.5, the oracle 1.0). Curve: reward/learning_curve.png.",
     "",
     "## Base generator (generator/)",
     "",
@@ -185,17 +158,6 @@ def render_report(report: dict[str, Any], config: Any) -> str:
       ]
       if config.grpo.data.get("scene_pool")
       else []
-    ),
-    *(
-      []
-      if config.grpo.data.get("scene_pool")
-      else [
-        "Training prompts are fresh grammar scenes at every step; the held-out `eval/` prompts",
-        "are other scenes, never trained on. `oracle` is the fraction of their relations that",
-        "hold, `oracle_perturbed` the same images against one relation changed (the layout's",
-        "chance level), `oracle_short` / `oracle_long` one-relation and 2-4-relation prompts.",
-        "",
-      ]
     ),
     "Deterministic (ODE) samples of the held-out prompts, before and after:",
     "",
