@@ -18,7 +18,7 @@ samples per prompt with the top-2 and bottom-2 kept (the paper: 24 and 6, the sa
 10 SDE steps (Flow-GRPO-Flux: 6 to train, 28 to evaluate), lr 3e-4, clip 1e-4, beta 0.01.
 
 `pool=N` trains on a fixed pool of N two-object, one-relation scenes (`data.scene_pool`) with
-the settings that move layouts within a CPU budget (README, GRPO): 8 prompts x 16 samples a
+the settings that move layouts within a CPU budget (docs/results/grpo_synthetic.md): 8 prompts x 16 samples a
 step, top-4 and bottom-4 kept, one update of 64 samples at lr 1e-3, one initial noise per group
 and the first 4 of 10 steps stochastic (where the layout is decided), 80 steps.
 """
@@ -92,7 +92,7 @@ def get_config(arg=None):
     config.grpo.update(
       prompts_per_step=8, group_size=16, topk=4, same_initial_noise=True, sde_window=(0, 4)
     )
-    # Held-out relations peak near step 80 at this lr; past it the images degrade (README).
+    # Held-out relations peak near step 80 at this lr; past it the images degrade (docs/results/grpo_synthetic.md).
     config.train.update(steps=80, lr=1e-3, num_minibatches=1)
     config.eval.update(every_steps=20, num_prompts=4 * arg.pool)
   if arg.smoke:

@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.generator = configs_lib.load_config("configs/flux_sft_synthetic.py", smoke)
   # GRPO on a fixed pool of 8 one-relation scenes, held out in other words (and fresh scenes),
   # trained on the oracle: the quickstart's 1,000-step SpatialScore is too weak a reward (its
-  # vertical relations are at chance, and GRPO on it degrades the images; README, GRPO).
+  # vertical relations are at chance, and GRPO on it degrades the images; docs/results/grpo_synthetic.md).
   config.grpo = configs_lib.load_config(
     "configs/grpo_synthetic.py", "smoke,pool=2" if arg.smoke else "pool=8"
   )
@@ -33,7 +33,7 @@ def get_config(arg=None):
   # SpatialScore leaves chance near step 600: 1,000 steps reach 0.74 held-out (horizontal
   # relations 0.94, vertical ones still near chance); reward_synthetic's 2,200 reach 0.985.
   config.reward.train.steps = 1000
-  # Measured without the image-place grounding that reward_synthetic now uses (README): at 1,000
+  # Measured without the image-place grounding that reward_synthetic now uses (docs/results/spatialscore_grounding.md): at 1,000
   # steps that auxiliary gave 0.78 held-out, within the spread of this stage's 0.74-0.91.
   config.reward.train.grounding_image_weight = 0.0
   config.reward.eval.max_pairs = 512

@@ -46,7 +46,7 @@ def get_config(arg=None):
       out_hidden_size=64,
       fullatt_block_indexes=(1,),
       # transformers' init std is 0.02, tuned for widths near 1000; at width 64 the tower
-      # learns from scratch only with about 1/sqrt(width) (README, SpatialScore).
+      # learns from scratch only with about 1/sqrt(width) (docs/results/spatialscore_synthetic.md).
       initializer_range=0.125,
     ),
     text=dict(

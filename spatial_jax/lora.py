@@ -29,8 +29,9 @@ import numpy as np
 import safetensors.numpy
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+
+from spatial_jax import sharding
 
 # The filter that selects the trainable (adapter) parameters.
 trainable_filter = nnx.LoRAParam
@@ -348,12 +349,6 @@ def _shared_rank_alpha(layers: Sequence[LoRALinear]) -> tuple[int, float]:
   return settings.pop()
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _peft_config(rank: int, alpha: float, names: Sequence[str], base: str | None) -> dict:
   return {
     "peft_type": "LORA",
@@ -414,7 +409,10 @@ def export_peft(
   gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
   for name, (_, layer, index) in entries.items():
     if id(layer) not in gathered:
-      gathered[id(layer)] = (_to_numpy(layer.lora_a[...]), _to_numpy(layer.lora_b[...]))
+      gathered[id(layer)] = (
+        sharding.to_host(layer.lora_a[...]),
+        sharding.to_host(layer.lora_b[...]),
+      )
     a, b = gathered[id(layer)]
     if index is not None:
       a, b = a[index], b[index]
@@ -557,7 +555,7 @@ def import_peft(
   values: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
   for key, (param, index, _) in expected.items():
     if id(param) not in values:
-      values[id(param)] = (param, _to_numpy(param[...]).copy())
+      values[id(param)] = (param, sharding.to_host(param[...]).copy())
     host = values[id(param)][1]
     if index is None:
       host[...] = tensors[key].T

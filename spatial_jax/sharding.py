@@ -350,3 +350,13 @@ def process_local_to_global(local: Any, shardings: Any) -> Any:
   return jax.tree.map(
     lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local, shardings
   )
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array as a host numpy array; a sharded one that spans processes is gathered
+  (then every process must call it)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

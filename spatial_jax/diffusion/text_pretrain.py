@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from spatial_jax import optim
 from spatial_jax.data import scenes
 from spatial_jax.data import tokenizer as tokenizer_lib
 from spatial_jax.diffusion import synthetic
@@ -236,17 +237,7 @@ def loss_fn(
 
 def make_optimizer(train: Any) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay and global-norm clipping (`config.train`)."""
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=train.lr,
-    warmup_steps=train.warmup_steps,
-    decay_steps=max(train.steps, train.warmup_steps + 1),
-    end_value=train.lr * train.end_lr_fraction,
-  )
-  return optax.chain(
-    optax.clip_by_global_norm(train.grad_clip),
-    optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=train.weight_decay),
-  )
+  return optim.adamw_warmup_cosine(train)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mlm_weight: float):

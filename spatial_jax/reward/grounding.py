@@ -2,7 +2,7 @@
 
 A pretrained Qwen2.5-VL arrives able to ground words in the image; the synthetic world's tiny
 model starts from random weights, and the Bradley-Terry signal alone is too weak to teach it:
-the score learns to ignore the image before it learns to read it (README, SpatialScore). This
+the score learns to ignore the image before it learns to read it (docs/results/spatialscore_synthetic.md). This
 loss gives the decoder the missing skill directly. At every colour word of the prompt (colours
 are distinct within a synthetic scene, so a colour names one object) the last hidden state
 predicts, through a linear `grounding_head`, the centroid of that colour's pixels in the image.

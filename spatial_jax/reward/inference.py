@@ -36,7 +36,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from spatial_jax import checkpoint, hf, lora, metrics, sharding
@@ -393,11 +392,7 @@ def _name(path: tuple) -> str:
 def _host_arrays(module: nnx.Module, filt: nnx.filterlib.Filter) -> dict[str, np.ndarray]:
   out = {}
   for path, var in _flat(module, filt):
-    value = var.get_value()
-    if value.is_fully_addressable:
-      out[_name(path)] = np.asarray(jax.device_get(value))
-    else:
-      out[_name(path)] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    out[_name(path)] = sharding.to_host(var.get_value())
   return out
 
 

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax import nnx, struct
 
-from spatial_jax import checkpoint, metrics, sharding
+from spatial_jax import checkpoint, metrics, optim, sharding
 from spatial_jax.data import loader as pair_loader
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.models.qwen25vl import ModelInputs, vision
@@ -31,23 +31,7 @@ from spatial_jax.reward.model import trainable_filter
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay, global-norm clipping, and accumulation."""
-  t = config.train
-  # `steps` and `warmup_steps` count micro-batches; the schedule counts optimizer updates.
-  k = max(1, t.grad_accum_steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=t.lr,
-    warmup_steps=t.warmup_steps // k,
-    decay_steps=max(t.steps // k, t.warmup_steps // k + 1),
-    end_value=t.lr * t.end_lr_fraction,
-  )
-  tx = optax.chain(
-    optax.clip_by_global_norm(t.grad_clip),
-    optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=t.weight_decay),
-  )
-  if t.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
-  return tx
+  return optim.adamw_warmup_cosine(config.train)
 
 
 def _pair_rows(batch: dict[str, np.ndarray], perturbed: bool) -> tuple[list, list[str]]:
@@ -226,7 +210,7 @@ def loss_fn(
   return loss, aux
 
 
-def image_places(model_config, image_size: int) -> tuple[int, tuple[int, int]]:
+def image_place_spec(model_config, image_size: int) -> tuple[int, tuple[int, int]]:
   """(image token id, merged grid) of the square `image_size` images a synthetic batch holds."""
   v = model_config.vision
   side = image_size // (v.patch_size * v.spatial_merge_size)
@@ -355,7 +339,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if config.train.get("grounding_weight", 0.0) > 0:
     colour_ids = jnp.asarray(grounding.colour_token_ids(built.tokenizer))
   train_step = make_train_step(
-    graphdef, tx, config, key, colour_ids, image_places(built.model.backbone.config, image_size)
+    graphdef, tx, config, key, colour_ids, image_place_spec(built.model.backbone.config, image_size)
   )
   # Metrics and scores replicated: every process can read them (also when it holds no shard).
   replicated = sharding.named_sharding(mesh, (), rules)

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from spatial_jax import fileio, hf, lora, sharding
 from spatial_jax.models.flux.config import FluxConfig
@@ -355,7 +354,7 @@ def to_diffusers_state(model: FluxTransformer) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = [str(p) for p in path]
-    value = _host(variable[...])
+    value = sharding.to_host(variable[...])
     if names[-1] == "kernel":
       names[-1], value = "weight", np.swapaxes(value, -1, -2)
     if model.config.scan_layers and names[0] in ("transformer_blocks", "single_transformer_blocks"):
@@ -364,12 +363,6 @@ def to_diffusers_state(model: FluxTransformer) -> dict[str, np.ndarray]:
     else:
       out[".".join(names)] = np.ascontiguousarray(value)
   return out
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save_pretrained(model: FluxTransformer, directory: str | os.PathLike) -> None:

@@ -398,13 +398,7 @@ def to_hf_state(model: T5EncoderModel) -> dict[str, np.ndarray]:
   call it)."""
   out = {}
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = variable.get_value()
-    if value.is_fully_addressable:
-      value = np.asarray(jax.device_get(value))
-    else:
-      from jax.experimental import multihost_utils
-
-      value = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    value = sharding.to_host(variable.get_value())
     key, transposed = path_to_hf_key(".".join(str(p) for p in path))
     out[key] = np.ascontiguousarray(value.T if transposed else value)
   return out
