@@ -1,9 +1,10 @@
 """Metric writers (TensorBoard + logs), progress/ETA logging, image grids and JSON run files.
 
-clu's `metric_writers` imports TensorFlow and TensorBoard at import time (jax_style.md §1.7), and
-models, samplers and benchmarks must import without them. So this module imports clu only inside
-`create_writer`; everything else (Progress, grids, PNGs, JSON) needs only numpy, Pillow and absl.
-A writer is any object with clu's `MetricWriter` methods (`write_scalars`, `write_images`, ...).
+`create_writer` logs every metric and, with the `tensorboard` extra installed, also writes
+TensorBoard event files through tensorboardX (no TensorFlow). Models, samplers and benchmarks must
+import without either, so tensorboardX is imported only inside `create_writer`; everything else
+(Progress, grids, PNGs, JSON) needs only numpy, Pillow and absl. A writer is any object with
+`write_scalars` and `write_images` (clu's `MetricWriter` methods), plus `flush` and `close`.
 
 Per-run files (`summary.json`, `config.json`, PNGs) are written by process 0 only, atomically (a
 tmp file then `os.replace`), so a reader or a crash never sees half a file.
@@ -30,29 +31,89 @@ T = TypeVar("T")
 
 
 class MetricWriter(Protocol):
-  """The subset of `clu.metric_writers.MetricWriter` used here (duck-typed, no clu import)."""
+  """What the jobs call on a writer (clu's `MetricWriter` method names, duck-typed)."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None: ...
 
 
-def create_writer(workdir: str | os.PathLike[str], *, asynchronous: bool = True) -> Any:
-  """clu's default writer: logging plus TensorBoard event files in `workdir` on process 0.
+class LoggingWriter:
+  """Logs scalars as `[step] name=value, ...` (clu's LoggingWriter format) and image shapes."""
 
-  Other processes only log (`just_logging=True`), so a multi-host run writes one event stream.
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = []
+    for k, v in sorted(scalars.items()):
+      v = np.asarray(v).item() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v
+      values.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}")
+    logging.info("[%d] %s", step, ", ".join(values))
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
+
+  def flush(self) -> None:
+    logging.flush()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class TensorBoardWriter(LoggingWriter):
+  """Logs like `LoggingWriter` and writes the same values to TensorBoard event files in `logdir`.
+
+  tensorboardX writes the files from a background thread; `flush()` pushes what is queued to disk.
+  Images are (H, W, C) or (N, H, W, C), uint8 or float in [0, 1]; N images go in one grid.
+  """
+
+  def __init__(self, logdir: str | os.PathLike[str]):
+    import tensorboardX  # Lazy: the `tensorboard` extra.
+
+    self._writer = tensorboardX.SummaryWriter(logdir=os.fspath(logdir))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    super().write_scalars(step, scalars)
+    for k, v in scalars.items():
+      self._writer.add_scalar(k, float(np.asarray(v)), global_step=step)
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    super().write_images(step, images)
+    for k, v in images.items():
+      v = np.asarray(v)
+      self._writer.add_images(k, v if v.ndim == 4 else v[None], step, dataformats="NHWC")
+
+  def flush(self) -> None:
+    super().flush()
+    self._writer.flush()
+
+  def close(self) -> None:
+    super().close()
+    self._writer.close()
+
+
+_warned_no_tensorboard = False
+
+
+def create_writer(workdir: str | os.PathLike[str]) -> LoggingWriter:
+  """The jobs' writer: logs on every process; TensorBoard event files in `workdir` on process 0.
+
+  Other processes only log, so a multi-host run writes one event stream. Without tensorboardX
+  (`pip install -e '.[tensorboard]'`) every process only logs, with a warning the first time.
   Call `writer.flush()` at log steps and `writer.close()` at the end.
   """
+  global _warned_no_tensorboard
+  if jax.process_index() > 0:
+    return LoggingWriter()
   try:
-    from clu import metric_writers  # Lazy: imports tensorflow + tensorboard.
+    return TensorBoardWriter(workdir)
   except ImportError as e:
-    raise ImportError(
-      "spatial_jax.metrics.create_writer needs clu with tensorflow and tensorboard installed "
-      f"(clu imports both at import time): {e}"
-    ) from e
-  return metric_writers.create_default_writer(
-    os.fspath(workdir), just_logging=jax.process_index() > 0, asynchronous=asynchronous
-  )
+    if not _warned_no_tensorboard:
+      _warned_no_tensorboard = True
+      logging.warning(
+        "No TensorBoard event files: metrics are only logged (%s). "
+        "pip install -e '.[tensorboard]' to write them.",
+        e,
+      )
+    return LoggingWriter()
 
 
 # -- progress -------------------------------------------------------------------------------------
@@ -72,9 +133,9 @@ def format_secs(secs: float) -> str:
 class Progress:
   """Logs `name: step/total (pct), rate, elapsed, ETA` every N steps and/or every T seconds.
 
-  Works for training loops and plain loops (a data build) alike; it never imports clu. Call
-  `update(step)` after each step with the number of steps done so far (absolute, so a resumed run
-  passes `start_step=restored_step` and keeps counting). The rate is measured over the last
+  Works for training loops and plain loops (a data build) alike; it never imports tensorboardX.
+  Call `update(step)` after each step with the number of steps done so far (absolute, so a resumed
+  run passes `start_step=restored_step` and keeps counting). The rate is measured over the last
   reporting interval (so compile time or a slow start fades out); the ETA is the remaining steps at
   that rate. The last step (`step == total`) is always reported.
 

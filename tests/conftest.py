@@ -8,7 +8,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Keep TensorFlow (pulled in by clu / tfds) off the fake devices' threads.
+# Keep TensorFlow (if tfds finds it installed) off the fake devices' threads.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 

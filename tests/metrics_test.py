@@ -1,6 +1,7 @@
 """Tests for spatial_jax.metrics."""
 
 import glob
+import io
 import json
 import os
 import subprocess
@@ -15,10 +16,10 @@ from PIL import Image
 from spatial_jax import metrics
 
 
-def test_import_does_not_load_tensorflow_or_clu():
+def test_import_does_not_load_tensorflow_or_tensorboard():
   code = (
     "import sys, spatial_jax.metrics; "
-    "bad = [m for m in ('tensorflow', 'clu', 'tensorboard') if m in sys.modules]; "
+    "bad = [m for m in ('tensorflow', 'clu', 'tensorboard', 'tensorboardX') if m in sys.modules]; "
     "assert not bad, bad"
   )
   subprocess.run(
@@ -167,23 +168,43 @@ def test_write_config_json(tmp_path):
     assert json.load(f) == {"lr": 3e-4, "model": {"name": "flux", "rank": 32}}
 
 
-def test_create_writer_writes_tensorboard_scalars_and_images(tmp_path):
-  from tensorboard.backend.event_processing import event_accumulator
+def test_create_writer_writes_tensorboard_scalars_and_images(tmp_path, caplog):
+  # The reader TensorBoard's own plugins use: it shows tensorboardX's scalar and image summaries
+  # as tensors, as TF2 writes them.
+  from tensorboard.backend.event_processing import plugin_event_accumulator
   from tensorboard.util import tensor_util
 
+  caplog.set_level("INFO")
   writer = metrics.create_writer(tmp_path)
   writer.write_scalars(1, {"loss": 0.5, "accuracy": np.float32(0.25)})
-  writer.write_scalars(2, {"loss": 0.125})
+  writer.write_scalars(2, {"loss": jnp.asarray(0.125)})
   metrics.write_images(writer, 2, "grid", np.zeros((2, 4, 4, 3), np.uint8))
   writer.close()
 
+  assert "[1] accuracy=0.25, loss=0.5" in caplog.text
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
-  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  acc = plugin_event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
   acc.Reload()
   assert {"loss", "accuracy", "grid"} <= set(acc.Tags()["tensors"])
   loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("loss")]
   assert loss == [(1, 0.5), (2, 0.125)]
   (image_event,) = acc.Tensors("grid")
-  # TF2 image summaries store [width, height, png bytes...] strings.
-  width, height = tensor_util.make_ndarray(image_event.tensor_proto)[:2]
+  # Image summaries store [width, height, png bytes] strings.
+  width, height, png = tensor_util.make_ndarray(image_event.tensor_proto)
   assert (int(width), int(height)) == (2 * 6 + 2, 1 * 6 + 2)
+  with Image.open(io.BytesIO(png)) as im:
+    np.testing.assert_array_equal(np.asarray(im), np.zeros((8, 14, 3), np.uint8))
+
+
+def test_create_writer_without_tensorboardx_only_logs_and_warns_once(tmp_path, monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # As if the extra were not installed.
+  monkeypatch.setattr(metrics, "_warned_no_tensorboard", False)
+  caplog.set_level("INFO")
+  for _ in range(2):
+    writer = metrics.create_writer(tmp_path)
+    assert type(writer) is metrics.LoggingWriter
+    writer.write_scalars(3, {"loss": 0.5})
+    writer.close()
+  assert caplog.text.count("pip install -e '.[tensorboard]'") == 1
+  assert caplog.text.count("[3] loss=0.5") == 2
+  assert not os.listdir(tmp_path)

@@ -9,8 +9,8 @@ Data lands in `<data_dir>/spatial_pairs/<config>/1.0.0/`. The config name carrie
 `pairs.jsonl` and the image size, so a folder that grew (a rerun of a data job), another folder or
 another size never reuses a stale build; an identical rebuild is a no-op.
 
-tensorflow_datasets is imported lazily (on first use of `PairsDatasetBuilder` or `build_tfds`), so
-importing spatial_jax.data never imports TensorFlow.
+tensorflow_datasets (the `tfds` extra: `pip install -e '.[tfds]'`) is imported lazily, on first use
+of `PairsDatasetBuilder` or `build_tfds`, so importing spatial_jax.data never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -43,10 +43,20 @@ def config_name(pairs_dir: str | os.PathLike, image_size: int | tuple[int, int] 
   return f"{base}-{digest.hexdigest()[:12]}-{size}"
 
 
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError(
+      f"spatial_jax.data.tfds_builder needs tensorflow_datasets ({e}): pip install -e '.[tfds]'"
+    ) from e
+  return tfds
+
+
 @functools.cache
 def _classes() -> tuple[type, type]:
   """Defines the TFDS classes on first use (subclassing needs the tfds import)."""
-  import tensorflow_datasets as tfds
+  tfds = _import_tfds()
 
   @dataclasses.dataclass(eq=False)
   class PairsConfig(tfds.core.BuilderConfig):
@@ -171,7 +181,7 @@ def build_tfds(
   Returns:
     The prepared `PairsDatasetBuilder`; `builder.as_data_source(split)` reads a split.
   """
-  import tensorflow_datasets as tfds
+  tfds = _import_tfds()
 
   _, builder_cls = _classes()
   builder = builder_cls(

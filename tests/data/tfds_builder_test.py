@@ -50,6 +50,22 @@ def test_module_imports_do_not_import_tensorflow():
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_missing_tensorflow_datasets_names_the_extra():
+  code = """
+import sys
+sys.modules["tensorflow_datasets"] = None  # As if the tfds extra were not installed.
+from spatial_jax.data import tfds_builder
+for use in (lambda: tfds_builder.build_tfds("pairs", "tfds"), lambda: tfds_builder.PairsDatasetBuilder):
+  try:
+    use()
+  except ImportError as e:
+    assert "pip install -e '.[tfds]'" in str(e), e
+  else:
+    raise AssertionError("no ImportError")
+"""
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_build_and_read_back(tmp_path):
   images = _make_folder(tmp_path / "pairs")
   builder = tfds_builder.build_tfds(tmp_path / "pairs", tmp_path / "tfds")
