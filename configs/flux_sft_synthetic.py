@@ -59,6 +59,8 @@ def get_config(arg=None):
     # A T5 pretrained on the grammar (configs/text_encoder_synthetic.py's <workdir>/final), read
     # as a real T5 is; its sizes replace `t5` above. Empty: the random frozen T5 of `seed`.
     t5_pretrained="",
+    # Train T5 with the transformer (from `t5_pretrained` or random); the export keeps it.
+    t5_trainable=False,
   )
   config.model = dict(
     # A diffusers transformer/ folder to start from (e.g. an earlier run's final/transformer);

@@ -14,7 +14,7 @@ the rectified-flow objective whose velocity the Euler sampler integrates from t 
 The step is a pure function of (trainable, optimizer state, frozen, batch, key), jitted under
 the mesh with the trainable and optimizer state donated; the key is `fold_in(rng, step)`, so a
 resumed run draws what an uninterrupted one would. Prompts are encoded outside the step by the
-frozen encoders (they are never differentiated). With `train.ema_decay` > 0 the optimizer state
+frozen encoders, except T5 with `text.t5_trainable`, which the step runs and trains. With `train.ema_decay` > 0 the optimizer state
 also holds an EMA of the trainable weights (`params_ema`), which galleries and the export use.
 
 Every `gallery.every_steps` (and at the end) held-out prompts of `data.eval_split` are sampled
@@ -30,7 +30,7 @@ At the end `<workdir>/final/` holds the generator, for GRPO and for `load_genera
   final/transformer/        a diffusers folder (config.json + safetensors of diffusers-named
                             weights, EMA if kept, LoRA merged): `FluxTransformer.from_pretrained`
                             (and diffusers' `FluxTransformer2DModel`) read it
-  final/text_encoders/      the frozen synthetic encoders' weights + config
+  final/text_encoders/      the synthetic encoders' weights (T5 as trained) + config
   final/lora/               with `trainable="lora"`: the adapter alone, as a diffusers LoRA file
 """
 
@@ -140,6 +140,7 @@ def make_train_step(
   codec: synthetic.PixelCodec,
   geo: Geometry,
   negative: Embeds | None = None,
+  t5_graphdef: nnx.GraphDef | None = None,
 ):
   """The pure step: (trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, aux).
 
@@ -148,10 +149,15 @@ def make_train_step(
   embeddings `negative` (batch 1) with probability p, which teaches the unconditional velocity
   classifier-free guidance needs. `aux["finite"]` says whether the loss, the gradients and the
   updated parameters are finite.
+
+  With `t5_graphdef` (`text.t5_trainable`), T5 trains with the transformer: `trainable` is
+  `{"transformer": ..., "t5": ...}`, `batch` holds T5's `t5_ids` (B, T) instead of
+  `prompt_embeds`, and `negative` is the empty prompt's `(t5_ids (1, T), pooled (1, P))`.
   """
   dropout = float(config.train.prompt_dropout)
   if dropout > 0 and negative is None:
     raise ValueError("train.prompt_dropout > 0 needs the empty prompt's embeddings (negative).")
+  text_key = "prompt_embeds" if t5_graphdef is None else "t5_ids"
 
   def train_step(trainable, opt_state, frozen, batch, key):
     t_key, noise_key, drop_key = jax.random.split(key, 3)
@@ -163,14 +169,18 @@ def make_train_step(
       weights = pack(codec.encode(pixel_weights).mode())
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     t = sample_timesteps(t_key, x0.shape[0], config, geo.image_seq_len)
-    prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+    text, pooled = batch[text_key], batch["pooled"]
     if dropout > 0:
       drop = jax.random.bernoulli(drop_key, dropout, (x0.shape[0],))
-      prompt_embeds = jnp.where(drop[:, None, None], negative[0], prompt_embeds)
+      text = jnp.where(drop.reshape((-1,) + (1,) * (text.ndim - 1)), negative[0], text)
       pooled = jnp.where(drop[:, None], negative[1], pooled)
 
     def objective(trainable):
-      model = nnx.merge(graphdef, trainable, frozen)
+      if t5_graphdef is None:
+        model, prompt_embeds = nnx.merge(graphdef, trainable, frozen), text
+      else:
+        model = nnx.merge(graphdef, trainable["transformer"], frozen)
+        prompt_embeds = nnx.merge(t5_graphdef, trainable["t5"])(text)
       velocity = velocity_fn(
         model,
         prompt_embeds,
@@ -464,6 +474,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     model.config.in_channels,
   )
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
+  # `text.t5_trainable`: T5 trains with the transformer (replicated: it is tiny), so the
+  # generator learns to read word order through T5's relative attention, which FLUX's text
+  # tokens (all at position 0) lack. The export writes the trained T5 with the generator.
+  t5_graphdef = None
+  if config.text.get("t5_trainable", False):
+    t5_graphdef, t5_params = nnx.split(encoder.encoders.t5)
+    t5_params = jax.tree.map(jnp.copy, t5_params)  # The step donates them; the encoder keeps its.
+    replicated = sharding.named_sharding(mesh, (), rules)
+    trainable = dict(transformer=trainable, t5=t5_params)
+    trainable_sh = dict(transformer=trainable_sh, t5=jax.tree.map(lambda _: replicated, t5_params))
+    logging.info("T5 trains with the transformer: %.3fM parameters", count(t5_params) / 1e6)
 
   # -- Data ----------------------------------------------------------------------------------
   pairs_dir = ensure_pairs(config, workdir)
@@ -477,8 +498,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   gallery = load_gallery_prompts(pairs_dir, config)
 
   def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    prompt_embeds, pooled = encoder(list(batch["prompt"]))
-    arrays = dict(images=batch["chosen"], prompt_embeds=prompt_embeds, pooled=pooled)
+    ids = encoder.tokenize(list(batch["prompt"]))
+    prompt_embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
+    arrays = dict(images=batch["chosen"], pooled=pooled)
+    if t5_graphdef is None:
+      arrays["prompt_embeds"] = prompt_embeds
+    else:
+      arrays["t5_ids"] = ids["t5_ids"]  # The step encodes them with the T5 it trains.
     if config.train.object_weight != 1.0:
       arrays["weights"] = object_weights(batch["chosen"], config.train.object_weight)
     return {
@@ -489,10 +515,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # -- Optimizer, step and sampler -----------------------------------------------------------
   tx = make_optimizer(config)
   negative = encoder([""])  # The empty prompt: prompt dropout's and CFG's unconditional branch.
+  step_negative = negative
+  if t5_graphdef is not None:
+    step_negative = (jnp.asarray(encoder.tokenize([""])["t5_ids"]), negative[1])
   with sharding.use_mesh(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
   p_step = jax.jit(
-    make_train_step(graphdef, tx, config, codec, geo, negative),
+    make_train_step(graphdef, tx, config, codec, geo, step_negative, t5_graphdef),
     donate_argnums=(0, 1),
     out_shardings=(trainable_sh, None, None),
   )
@@ -530,18 +559,23 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if gallery.prompts:
     shape = (len(gallery.prompts), geo.image_seq_len, model.config.in_channels)
     gallery_noise = jax.random.normal(jax.random.key(config.gallery.seed), shape, jnp.float32)
-    gallery_embeds = encoder(gallery.prompts)
 
   def sampling_params():
-    """The weights galleries and the export use: the EMA when one is kept."""
+    """The transformer's weights galleries and the export use (the EMA when one is kept); with
+    a trained T5, the encoder takes its weights (the same EMA or not) on the way."""
     ema = ema_params(opt_state)
-    return trainable if ema is None else ema
+    params = trainable if ema is None else ema
+    if t5_graphdef is None:
+      return params
+    encoder.set_t5_params(params["t5"])
+    return params["transformer"]
 
   def write_gallery(step: int) -> dict[str, float]:
     if gallery_noise is None:
       return {}
+    params = sampling_params()
     with sharding.use_mesh(mesh, rules):
-      samples = p_sample(sampling_params(), frozen, *gallery_embeds, gallery_noise, negative)
+      samples = p_sample(params, frozen, *encoder(gallery.prompts), gallery_noise, encoder([""]))
     samples = unit_to_uint8(samples)
     scores = oracle_scores(samples, gallery.prompts)
     metrics.write_images(

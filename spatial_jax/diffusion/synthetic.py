@@ -300,6 +300,11 @@ class PromptEncoder:
     """The width of `pooled`: FluxConfig.pooled_projection_dim must equal it."""
     return self.encoders.clip.config.hidden_size
 
+  def set_t5_params(self, state: nnx.State) -> None:
+    """Gives T5 new weights (flux_sft's `text.t5_trainable`) for the encodings that follow."""
+    nnx.update(self.encoders.t5, state)
+    self._graphdef, self._state = nnx.split(self.encoders)
+
   def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     return dict(
       t5_ids=self.tokenizer_2(prompts)["input_ids"], clip_ids=self.tokenizer(prompts)["input_ids"]

@@ -221,3 +221,76 @@ def test_bad_config_fails_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="timestep_sampling='cosine'"):
     sft_job.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_trainable_t5_step_matches_the_frozen_step_and_trains_t5():
+  # T5 run inside the step on the batch's ids gives the loss and transformer update of the step
+  # fed T5's embeddings from outside; and only the trainable-T5 step moves T5.
+  config = _config(prompt_dropout=0.5)
+  config.model.zero_init = False  # adaLN-Zero would send no gradient to the text at first.
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(None)
+  codec, encoder = sft_job.build_codec(config), sft_job.build_prompt_encoder(config)
+  geo = generator_lib.geometry(32, codec, config.text.max_length)
+  model = sft_job.build_model(config, codec, encoder, mesh, rules)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  t5_graphdef, t5_params = nnx.split(encoder.encoders.t5)
+  prompts = ["a red circle above a blue star", "a green square left of a cyan cross"] * 4
+  ids = encoder.tokenize(prompts)
+  embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
+  empty = encoder([""])
+  images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
+  tx = optax.sgd(0.1)
+  key = jax.random.key(3)
+  with sharding.use_mesh(mesh, rules):
+    frozen_step = jax.jit(sft_job.make_train_step(graphdef, tx, config, codec, geo, empty))
+    joint_step = jax.jit(
+      sft_job.make_train_step(
+        graphdef,
+        tx,
+        config,
+        codec,
+        geo,
+        (jnp.asarray(encoder.tokenize([""])["t5_ids"]), empty[1]),
+        t5_graphdef,
+      )
+    )
+    batch = dict(images=images, prompt_embeds=embeds, pooled=pooled)
+    new, _, aux = frozen_step(params, tx.init(params), frozen, batch, key)
+    joint = dict(transformer=params, t5=t5_params)
+    batch = dict(images=images, t5_ids=ids["t5_ids"], pooled=pooled)
+    new_joint, _, joint_aux = joint_step(joint, tx.init(joint), frozen, batch, key)
+  np.testing.assert_allclose(joint_aux["loss"], aux["loss"], rtol=1e-5)
+  got, expected = _flat(new_joint["transformer"]), _flat(new)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+  trained, initial = _flat(new_joint["t5"]), _flat(t5_params)
+  assert max(np.abs(trained[k] - initial[k]).max() for k in initial) > 1e-4
+
+
+def test_trainable_t5_run_exports_the_trained_t5(smoke, tmp_path):
+  config = _config(steps=2, checkpoint_every=2)
+  config.data.pairs = os.path.join(smoke, "pairs")
+  config.gallery.num_prompts = 0
+  config.text.t5_trainable = True
+  config.model.zero_init = False  # So that T5 gets a gradient within the two steps.
+  sft_job.run(config, str(tmp_path))
+  exported = generator_lib.load_generator(tmp_path / "final").prompt_encoder.encoders
+  initial_encoder = sft_job.build_prompt_encoder(config)
+  initial = initial_encoder.encoders
+  # The export's T5 is the EMA of the checkpoint's T5 (as the transformer is); CLIP stays.
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(None)
+  codec = sft_job.build_codec(config)
+  model = sft_job.build_model(config, codec, initial_encoder, mesh, rules)
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  target = dict(transformer=params, t5=nnx.state(initial.t5))
+  opt_target = sft_job.make_optimizer(config).init(target)
+  restored = checkpoint.Checkpointer(str(tmp_path)).restore(params=target, opt_state=opt_target)
+  ema = _flat(sft_job.ema_params(restored.opt_state)["t5"])
+  t5, t5_initial = _flat(nnx.state(exported.t5)), _flat(nnx.state(initial.t5))
+  assert t5.keys() == ema.keys()
+  for name, value in ema.items():
+    np.testing.assert_allclose(t5[name], value, rtol=1e-6, err_msg=name)
+  assert max(np.abs(t5[k] - t5_initial[k]).max() for k in t5) > 1e-5
+  clip, clip_initial = _flat(nnx.state(exported.clip)), _flat(nnx.state(initial.clip))
+  for name, value in clip_initial.items():
+    np.testing.assert_array_equal(clip[name], value, err_msg=name)
