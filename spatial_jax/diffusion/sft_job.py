@@ -567,7 +567,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     params = trainable if ema is None else ema
     if t5_graphdef is None:
       return params
-    encoder.set_t5_params(params["t5"])
+    encoder.set_t5_params(jax.tree.map(jnp.copy, params["t5"]))  # The next step donates them.
     return params["transformer"]
 
   def write_gallery(step: int) -> dict[str, float]:
