@@ -29,6 +29,7 @@ from flax import nnx
 
 from spatial_jax import hf, sharding
 from spatial_jax.models.clip.config import CLIPTextConfig
+from spatial_jax.models.common import linear
 from spatial_jax.sharding import shard
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")
@@ -50,21 +51,6 @@ class CLIPTextOutput(NamedTuple):
 
   last_hidden_state: jax.Array  # (B, T, H), after final_layer_norm.
   pooler_output: jax.Array  # (B, H), last_hidden_state at the EOS token.
-
-
-def _linear(
-  in_features: int, out_features: int, names: tuple[str, str], config: CLIPTextConfig, rngs
-) -> nnx.Linear:
-  """A biased `nnx.Linear` (every CLIP linear has a bias) with logical axis names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-    rngs=rngs,
-  )
 
 
 def _param(init, names: tuple[str | None, ...], shape, config: CLIPTextConfig, rngs) -> nnx.Param:
@@ -123,10 +109,10 @@ class CLIPAttention(nnx.Module):
     dim = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.head_dim = config.head_dim
-    self.q_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.k_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.v_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.out_proj = _linear(dim, dim, ("heads", "embed"), config, rngs)
+    self.q_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.k_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.v_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.out_proj = linear(dim, dim, ("heads", "embed"), config, rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return shard(x.reshape(*x.shape[:-1], self.num_heads, self.head_dim), _HEADS)
@@ -149,8 +135,8 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
-    self.fc1 = _linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), config, rngs)
-    self.fc2 = _linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
+    self.fc1 = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), config, rngs)
+    self.fc2 = linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
     self.act = ACTIVATIONS[config.hidden_act]
 
   def __call__(self, x: jax.Array) -> jax.Array:

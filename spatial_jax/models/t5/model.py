@@ -10,7 +10,8 @@ encoder side only. Numerics follow it exactly:
 - T5LayerNorm is an RMSNorm without mean subtraction or bias: the variance in fp32, and the
   weight multiply after casting back to the weight's dtype when that is half precision.
 - v1.1 feed-forward `wo(gelu_new(wi_0(x)) * wi_1(x))`; the original T5's `wo(relu(wi(x)))`.
-- No embedding scaling, pre-norm residual blocks, `final_layer_norm` at the end.
+- No embedding scaling, no bias in any linear, pre-norm residual blocks, `final_layer_norm` at
+  the end.
 
 Attribute names are transformers' module names (`block`/`layer` are `nnx.List`s), so the key map
 is mechanical: `encoder.block.0.layer.0.SelfAttention.q.weight` ([out, in]) is our transposed
@@ -39,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from spatial_jax import fileio, hf, sharding
+from spatial_jax.models.common import linear
 from spatial_jax.models.t5.config import T5Config
 from spatial_jax.sharding import shard
 
@@ -59,21 +61,6 @@ _T = hf.transpose()
 # A full T5ForConditionalGeneration checkpoint (e.g. google/t5-v1_1-xxl) also holds the decoder
 # and the LM head; transformers' T5EncoderModel skips them the same way.
 _IGNORED = (r"decoder\..*", r"lm_head\.weight")
-
-
-def linear(
-  in_features: int, out_features: int, names: tuple[str, str], config: T5Config, rngs: nnx.Rngs
-) -> nnx.Linear:
-  """A bias-free `nnx.Linear` (no T5 linear has a bias) with logical axis names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    use_bias=False,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-    rngs=rngs,
-  )
 
 
 def relative_position_bucket(
@@ -135,10 +122,10 @@ class T5Attention(nnx.Module):
     self.num_buckets = config.relative_attention_num_buckets
     self.max_distance = config.relative_attention_max_distance
     d, inner = config.d_model, config.inner_dim
-    self.q = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.k = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.v = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.o = linear(inner, d, ("heads", "embed"), config, rngs)
+    self.q = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.k = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.v = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.o = linear(inner, d, ("heads", "embed"), config, rngs, use_bias=False)
     if has_relative_attention_bias:
       self.relative_attention_bias = nnx.Embed(
         self.num_buckets,
@@ -195,9 +182,9 @@ class T5DenseGatedActDense(nnx.Module):
   """T5 v1.1 feed-forward: wo(act(wi_0(x)) * wi_1(x)), act = gelu_new for "gated-gelu"."""
 
   def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-    self.wi_0 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wi_1 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs)
+    self.wi_0 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wi_1 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
     self.act = ACTIVATIONS[config.dense_act_fn]
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -208,8 +195,8 @@ class T5DenseActDense(nnx.Module):
   """Original T5 feed-forward: wo(act(wi(x))), act = relu for "relu"."""
 
   def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-    self.wi = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs)
+    self.wi = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
     self.act = ACTIVATIONS[config.dense_act_fn]
 
   def __call__(self, x: jax.Array) -> jax.Array:
