@@ -8,8 +8,10 @@ rules and loader in `params.py`. What they all did the same way lives here once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -63,3 +65,31 @@ def linear(
     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
     rngs=rngs,
   )
+
+
+# --- Activations ----------------------------------------------------------------------------------
+
+# transformers' ACT2FN entries by name (diffusers' `get_activation` names are among them, with
+# the same functions): "gelu" is torch's exact erf GELU, "gelu_new" / "gelu_pytorch_tanh" the
+# tanh form, "swish" is SiLU.
+ACT2FN: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation a config names (`hidden_act`, `act_fn`, ...).
+
+  Raises:
+    ValueError: a name `ACT2FN` does not hold.
+  """
+  if name not in ACT2FN:
+    raise ValueError(f"Unknown activation {name!r}; use one of {sorted(ACT2FN)}.")
+  return ACT2FN[name]

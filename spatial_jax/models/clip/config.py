@@ -15,8 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-# transformers' ACT2FN names this port implements (CLIP-L uses quick_gelu).
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+from spatial_jax.models.common import ACT2FN
+
 _RUNTIME = ("dtype", "param_dtype")
 
 
@@ -44,8 +44,10 @@ class CLIPTextConfig:
         f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
         f"{self.num_attention_heads}"
       )
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}")
+    if self.hidden_act not in ACT2FN:  # CLIP-L's is quick_gelu.
+      raise ValueError(
+        f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACT2FN)}"
+      )
     for name in _RUNTIME:
       jnp.dtype(getattr(self, name))  # Fails early on a misspelt dtype.
 

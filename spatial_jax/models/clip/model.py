@@ -29,21 +29,11 @@ from flax import nnx
 
 from spatial_jax import hf, sharding
 from spatial_jax.models.clip.config import CLIPTextConfig
-from spatial_jax.models.common import linear
+from spatial_jax.models.common import activation, linear
 from spatial_jax.sharding import shard
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")
 _HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-
-# transformers' ACT2FN: "gelu" is the exact erf form, "gelu_new"/"gelu_pytorch_tanh" the tanh one.
-ACTIVATIONS = {
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "relu": jax.nn.relu,
-  "silu": jax.nn.silu,
-}
 
 
 class CLIPTextOutput(NamedTuple):
@@ -137,7 +127,7 @@ class CLIPMLP(nnx.Module):
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
     self.fc1 = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), config, rngs)
     self.fc2 = linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
-    self.act = ACTIVATIONS[config.hidden_act]
+    self.act = activation(config.hidden_act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(self.act(self.fc1(x)))

@@ -13,14 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax.models.common import HasDtypes, linear
-
-ACTIVATIONS = {
-  "silu": jax.nn.silu,
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+from spatial_jax.models.common import HasDtypes, activation, linear
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -67,7 +60,7 @@ class GatedMLP(nnx.Module):
     self.gate_proj = linear(dim, hidden, ("embed", "mlp"), config, rngs, **kw)
     self.up_proj = linear(dim, hidden, ("embed", "mlp"), config, rngs, **kw)
     self.down_proj = linear(hidden, dim, ("mlp", "embed"), config, rngs, **kw)
-    self.act = ACTIVATIONS[act]
+    self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from spatial_jax.models.common import linear
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig, VisionConfig
 from spatial_jax.models.qwen25vl.layers import (
-  ACTIVATIONS,
   GatedMLP,
   RMSNorm,
   apply_rotary,
@@ -290,7 +289,7 @@ class PatchMerger(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.ln_q(x).reshape(-1, self.width)
     # nn.GELU() in torch is the exact erf form.
-    return self.mlp_2(ACTIVATIONS["gelu"](self.mlp_0(x)))
+    return self.mlp_2(activation("gelu")(self.mlp_0(x)))
 
 
 class VisionTransformer(nnx.Module):

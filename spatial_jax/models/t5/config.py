@@ -14,8 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-# transformers ACT2FN names we implement (see model.ACTIVATIONS).
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+from spatial_jax.models.common import ACT2FN
+
 _RUNTIME = ("dtype", "param_dtype")
 
 
@@ -44,10 +44,10 @@ class T5Config:
         f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: use `gated-{{act}}` or `{{act}}`, "
         "e.g. 'gated-gelu' (T5 v1.1) or 'relu' (T5)."
       )
-    if self.dense_act_fn not in ACTIVATIONS:
+    if self.dense_act_fn not in ACT2FN:
       raise ValueError(
         f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: activation "
-        f"{self.dense_act_fn!r} is not one of {ACTIVATIONS}."
+        f"{self.dense_act_fn!r} is not one of {sorted(ACT2FN)}."
       )
     if self.relative_attention_num_buckets < 4:
       raise ValueError("T5Config.relative_attention_num_buckets must be at least 4.")

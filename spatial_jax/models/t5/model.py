@@ -40,22 +40,12 @@ import numpy as np
 from flax import nnx
 
 from spatial_jax import fileio, hf, sharding
-from spatial_jax.models.common import linear
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.t5.config import T5Config
 from spatial_jax.sharding import shard
 
 ACT_NAMES = ("act_batch", "act_seq", "act_embed")
 HEAD_NAMES = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-
-# transformers ACT2FN entries: "gelu" is the exact erf GELU, "gelu_new" the tanh approximation.
-ACTIVATIONS = {
-  "relu": jax.nn.relu,
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "silu": jax.nn.silu,
-  "swish": jax.nn.silu,
-}
 
 _T = hf.transpose()
 # A full T5ForConditionalGeneration checkpoint (e.g. google/t5-v1_1-xxl) also holds the decoder
@@ -185,7 +175,7 @@ class T5DenseGatedActDense(nnx.Module):
     self.wi_0 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
     self.wi_1 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
     self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
-    self.act = ACTIVATIONS[config.dense_act_fn]
+    self.act = activation(config.dense_act_fn)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
@@ -197,7 +187,7 @@ class T5DenseActDense(nnx.Module):
   def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
     self.wi = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
     self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
-    self.act = ACTIVATIONS[config.dense_act_fn]
+    self.act = activation(config.dense_act_fn)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.wo(self.act(self.wi(x)))

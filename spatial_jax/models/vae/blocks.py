@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax.models.common import linear
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.vae.config import VAEConfig
 from spatial_jax.sharding import shard
 
@@ -29,17 +29,6 @@ IMAGE_KERNEL = ("kernel_hw", "kernel_hw", "conv_in", None)
 # A linear over channels mixes them like a 1x1 conv (the deprecated attention block stored it
 # as one), so it takes the conv channel names.
 CHANNELS = ("conv_in", "conv_out")
-
-
-def activation(name: str):
-  """diffusers `get_activation(name)` (torch's exact GELU, not the tanh form)."""
-  return {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-  }[name]
 
 
 def conv(

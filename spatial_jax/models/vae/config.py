@@ -14,7 +14,7 @@ from typing import Any
 # SDXL, SD3, FLUX); the attention variants (`AttnDownEncoderBlock2D`) are not ported.
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
-# diffusers `get_activation` names ("swish" is SiLU too).
+# diffusers `get_activation` names (all in common.ACT2FN; "swish" is SiLU too).
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
 _RUNTIME = ("dtype", "param_dtype")
 

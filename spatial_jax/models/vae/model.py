@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import activation
 from spatial_jax.models.vae import blocks
 from spatial_jax.models.vae.config import VAEConfig
 from spatial_jax.sharding import shard
@@ -83,7 +84,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     channels = config.block_out_channels
-    self.act = blocks.activation(config.act_fn)
+    self.act = activation(config.act_fn)
     self.conv_in = blocks.conv(config.in_channels, channels[0], config, rngs)
     self.down_blocks = nnx.List(
       [
@@ -117,7 +118,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     channels = tuple(reversed(config.block_out_channels))
-    self.act = blocks.activation(config.act_fn)
+    self.act = activation(config.act_fn)
     self.conv_in = blocks.conv(config.latent_channels, channels[0], config, rngs)
     self.mid_block = blocks.UNetMidBlock2D(channels[0], config, rngs=rngs)
     self.up_blocks = nnx.List(
