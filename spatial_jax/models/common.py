@@ -8,8 +8,9 @@ rules and loader in `params.py`. What they all did the same way lives here once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple, Protocol, Self
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +94,49 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACT2FN:
     raise ValueError(f"Unknown activation {name!r}; use one of {sorted(ACT2FN)}.")
   return ACT2FN[name]
+
+
+# --- Configs --------------------------------------------------------------------------------------
+
+
+class HFConfig:
+  """What a family's frozen config dataclass shares: its architecture fields carry the names and
+  defaults of the reference library's `config.json`; `RUNTIME` names the fields no checkpoint
+  holds (the compute and parameter dtype, and the family's own options).
+
+  A subclass that defines `__post_init__` calls `super().__post_init__()`.
+  """
+
+  RUNTIME: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype")
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, name))  # Fails early on a misspelt dtype ("bf16").
+
+  def replace(self, **changes: Any) -> Self:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def architecture(cls) -> tuple[str, ...]:
+    """The fields a `config.json` holds: every dataclass field that is not in `RUNTIME`."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.RUNTIME)
+
+  @classmethod
+  def from_hf_config(cls, hf: Mapping[str, Any], **runtime: Any) -> Self:
+    """From a `config.json` dict. Keys that are no architecture field (`_class_name`,
+    `torch_dtype`, ...) are ignored and lists become tuples; runtime fields come from `runtime`.
+
+    Raises:
+      TypeError: a `runtime` name that is not in `RUNTIME`.
+    """
+    unknown = set(runtime) - set(cls.RUNTIME)
+    if unknown:
+      raise TypeError(f"{cls.__name__}.from_hf_config: unknown runtime fields {sorted(unknown)}.")
+    names = set(cls.architecture())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
+    return cls(**fields, **runtime)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """The architecture fields as a `config.json` holds them (tuples as lists)."""
+    fields = {name: getattr(self, name) for name in self.architecture()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}

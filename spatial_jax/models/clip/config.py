@@ -13,15 +13,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
-from spatial_jax.models.common import ACT2FN
-
-_RUNTIME = ("dtype", "param_dtype")
+from spatial_jax.models.common import ACT2FN, HFConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(HFConfig):
   # Architecture (transformers CLIPTextConfig defaults).
   vocab_size: int = 49408
   hidden_size: int = 512
@@ -48,15 +44,11 @@ class CLIPTextConfig:
       raise ValueError(
         f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACT2FN)}"
       )
-    for name in _RUNTIME:
-      jnp.dtype(getattr(self, name))  # Fails early on a misspelt dtype.
+    super().__post_init__()
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
-
-  def replace(self, **changes: Any) -> CLIPTextConfig:
-    return dataclasses.replace(self, **changes)
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **runtime: Any) -> CLIPTextConfig:
@@ -65,9 +57,7 @@ class CLIPTextConfig:
     (`projection_dim`, `bos_token_id`, ...) are ignored; runtime fields come from `runtime`."""
     if hf.get("model_type") == "clip" or "text_config" in hf or "text_config_dict" in hf:
       hf = hf.get("text_config") or hf.get("text_config_dict") or {}
-    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME)
-    fields = {k: v for k, v in hf.items() if k in names and v is not None}
-    return cls(**fields, **runtime)
+    return super().from_hf_config({k: v for k, v in hf.items() if v is not None}, **runtime)
 
   @classmethod
   def clip_l(cls, **overrides: Any) -> CLIPTextConfig:
