@@ -9,12 +9,15 @@ rules and loader in `params.py`. What they all did the same way lives here once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple, Protocol, Self
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol, Self, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+
+from spatial_jax import hf, sharding
 
 Names = tuple[str | None, str | None]
 
@@ -140,3 +143,59 @@ class HFConfig:
     """The architecture fields as a `config.json` holds them (tuples as lists)."""
     fields = {name: getattr(self, name) for name in self.architecture()}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+# --- Loading --------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=nnx.Module)
+# The model's variables (dotted path -> shape) -> the family's checkpoint key rules.
+KeyRules = Callable[[dict[str, tuple[int, ...]]], Sequence[hf.KeyRule]]
+
+
+def abstract_model(model_class: Callable[..., M], config: Any) -> M:
+  """`model_class(config, rngs=...)` as shapes, dtypes and logical axis names: no memory."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
+
+
+def variable_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """Every variable of `model` by dotted path (`encoder.block.0.layer.0.SelfAttention.q.kernel`),
+  with its shape."""
+  return {
+    ".".join(str(p) for p in path): tuple(var.shape)
+    for path, var in nnx.to_flat_state(nnx.state(model))
+  }
+
+
+def load_pretrained(
+  model_class: Callable[..., M],
+  config: Any,
+  folder: Any,
+  key_rules: KeyRules,
+  *,
+  mesh: Mesh | None = None,
+  sharding_rules: Any = None,
+) -> M:
+  """The tail of every family's `params.from_pretrained`: builds `model_class(config)`
+  abstractly, derives the key rules from its variables and fills them from `folder`.
+
+  Args:
+    model_class: the family's model, called as `model_class(config, rngs=...)`.
+    config: its config; the weights are stored in `config.param_dtype`.
+    folder: an `hf.SafetensorsFolder`, or a view with its `keys`, `read` and `path`.
+    key_rules: the model's `variable_shapes` -> the checkpoint key rules (`hf.KeyRule`s).
+    mesh: place every weight sharded on this mesh as it is read (no full copy per device).
+    sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
+
+  Raises:
+    hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
+  """
+  abstract = abstract_model(model_class, config)
+  return hf.load_into(
+    abstract,
+    folder,
+    key_rules(variable_shapes(abstract)),
+    mesh=mesh,
+    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
+    dtype=config.param_dtype,
+  )

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax import hf, sharding
+from spatial_jax import hf
 from spatial_jax.models.clip.config import CLIPTextConfig
-from spatial_jax.models.common import activation, linear
+from spatial_jax.models.common import activation, linear, load_pretrained
 from spatial_jax.sharding import shard
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")
@@ -261,15 +261,13 @@ class CLIPTextModel(nnx.Module):
     config = CLIPTextConfig.from_hf_config(
       hf.read_config(local_dir), dtype=dtype, param_dtype=param_dtype
     )
-    with nnx.use_eager_sharding(False):
-      abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    return hf.load_into(
-      abstract,
+    return load_pretrained(
+      cls,
+      config,
       hf.SafetensorsFolder(local_dir),
-      KEY_RULES,
+      lambda _: KEY_RULES,
       mesh=mesh,
-      sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-      dtype=param_dtype,
+      sharding_rules=sharding_rules,
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from spatial_jax import fileio, hf, lora, sharding
+from spatial_jax.models import common
 from spatial_jax.models.flux.config import FluxConfig
 from spatial_jax.models.flux.model import FluxTransformer
 
@@ -233,17 +234,13 @@ def from_pretrained(
   else:
     folder = hf.SafetensorsFolder(local_dir)
     config = FluxConfig.from_hf_config(hf.read_config(local_dir), **runtime)
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: FluxTransformer(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-  return hf.load_into(
-    (graphdef, state),
+  return common.load_pretrained(
+    FluxTransformer,
+    config,
     folder,
-    key_rules(folder.keys(), our_paths),
+    lambda shapes: key_rules(folder.keys(), set(shapes)),
     mesh=mesh,
-    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-    dtype=param_dtype or dtype,
+    sharding_rules=sharding_rules,
   )
 
 

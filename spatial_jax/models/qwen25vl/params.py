@@ -15,7 +15,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from spatial_jax import hf, sharding
+from spatial_jax import hf
+from spatial_jax.models import common
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig
 
 _T = hf.transpose()
@@ -108,22 +109,17 @@ def from_pretrained(
     param_dtype=param_dtype or dtype,
     **runtime,
   )
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Qwen25VLModel(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
   folder = hf.SafetensorsFolder(local_dir)
-  rules = key_rules(folder.keys(), our_paths, config)
-  if config.text.tie_word_embeddings and "lm_head.weight" in folder:
-    # Some exports keep a copy of the tied head; our tied model reads the embedding table.
-    rules.insert(0, hf.ignore(r"lm_head\.weight"))
-  return hf.load_into(
-    (graphdef, state),
-    folder,
-    rules,
-    mesh=mesh,
-    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-    dtype=param_dtype or dtype,
+
+  def rules(shapes: dict[str, tuple[int, ...]]) -> list[hf.KeyRule]:
+    rules = key_rules(folder.keys(), set(shapes), config)
+    if config.text.tie_word_embeddings and "lm_head.weight" in folder:
+      # Some exports keep a copy of the tied head; our tied model reads the embedding table.
+      rules.insert(0, hf.ignore(r"lm_head\.weight"))
+    return rules
+
+  return common.load_pretrained(
+    Qwen25VLModel, config, folder, rules, mesh=mesh, sharding_rules=sharding_rules
   )
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from spatial_jax import fileio, hf, sharding
-from spatial_jax.models.common import activation, linear
+from spatial_jax.models.common import activation, linear, load_pretrained
 from spatial_jax.models.t5.config import T5Config
 from spatial_jax.sharding import shard
 
@@ -309,18 +309,14 @@ class T5EncoderModel(nnx.Module):
     config = T5Config.from_hf_config(
       hf.read_config(local_dir), dtype=dtype, param_dtype=param_dtype or dtype
     )
-    with nnx.use_eager_sharding(False):
-      abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
     folder = hf.SafetensorsFolder(local_dir)
-    return hf.load_into(
-      (graphdef, state),
+    return load_pretrained(
+      cls,
+      config,
       folder,
-      key_rules(folder.keys(), our_paths),
+      lambda shapes: key_rules(folder.keys(), set(shapes)),
       mesh=mesh,
-      sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-      dtype=param_dtype or dtype,
+      sharding_rules=sharding_rules,
     )
 
 

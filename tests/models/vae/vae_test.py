@@ -18,6 +18,7 @@ import torch
 from flax import nnx
 
 from spatial_jax import hf, sharding
+from spatial_jax.models import common
 from spatial_jax.models.vae import (
   AutoencoderKL,
   DiagonalGaussian,
@@ -186,7 +187,7 @@ def test_flux1_preset_maps_every_diffusers_key():
   with torch.device("meta"):  # Shapes only: no 84M-parameter init.
     reference = diffusers.AutoencoderKL(**published)
   torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-  ours = vae_params.variable_shapes(vae_params.abstract_model(config))
+  ours = common.variable_shapes(common.abstract_model(AutoencoderKL, config))
   mapped, unexpected = hf.map_keys(torch_shapes, vae_params.key_rules(ours))
   assert unexpected == [] and set(mapped) == set(ours)
   for path, (key, transform) in mapped.items():
