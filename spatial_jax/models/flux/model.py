@@ -11,9 +11,7 @@ block is traced and compiled however deep the model is.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,10 +143,3 @@ class FluxTransformer(nnx.Module):
     h = _run_blocks(self.single_transformer_blocks, h, _single_step, config, temb, cos, sin)
     x = h[:, c.shape[1] :]
     return self.proj_out(self.norm_out(x, temb))
-
-  @classmethod
-  def from_pretrained(cls, local_dir: str | os.PathLike, **kwargs: Any) -> FluxTransformer:
-    """A diffusers `transformer/` folder or a BFL single file; see `params.from_pretrained`."""
-    from spatial_jax.models.flux import params
-
-    return params.from_pretrained(local_dir, **kwargs)

@@ -364,7 +364,7 @@ def to_diffusers_state(model: FluxTransformer) -> dict[str, np.ndarray]:
 
 def save_pretrained(model: FluxTransformer, directory: str | os.PathLike) -> None:
   """Writes a diffusers `transformer/` folder (`config.json` + one safetensors file) that
-  `FluxTransformer.from_pretrained` and diffusers' `FluxTransformer2DModel.from_pretrained` read.
+  `from_pretrained` and diffusers' `FluxTransformer2DModel.from_pretrained` read.
 
   Weights keep their dtype. Every process must call it (sharded weights are gathered);
   process 0 writes.

@@ -115,13 +115,6 @@ class Qwen25VLModel(nnx.Module):
       self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
     )
 
-  @classmethod
-  def from_pretrained(cls, local_dir: str, **kwargs: Any) -> Qwen25VLModel:
-    """Loads a Hugging Face Qwen2.5-VL folder; see `params.from_pretrained`."""
-    from spatial_jax.models.qwen25vl import params
-
-    return params.from_pretrained(local_dir, **kwargs)
-
 
 def splice_image_features(
   embeds: jax.Array, image_mask: jax.Array, image_embeds: jax.Array

@@ -18,6 +18,7 @@ from flax import nnx
 from spatial_jax import hf
 from spatial_jax.models import common
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig
+from spatial_jax.models.qwen25vl.model import Qwen25VLModel
 
 _T = hf.transpose()
 
@@ -87,7 +88,7 @@ def from_pretrained(
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: Any = None,
   **runtime: Any,
-):
+) -> Qwen25VLModel:
   """Reads `config.json` + safetensors (single file or sharded index) into `Qwen25VLModel`.
 
   Args:
@@ -101,8 +102,6 @@ def from_pretrained(
   Raises:
     hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
   """
-  from spatial_jax.models.qwen25vl.model import Qwen25VLModel
-
   config = Qwen25VLConfig.from_hf_config(
     hf.read_config(local_dir),
     dtype=dtype,

@@ -13,8 +13,6 @@ and `unscale_latents` before `decode`, as the FLUX pipeline does (flux.md §6-7)
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,8 +148,8 @@ class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL` in NHWC; parameter paths are diffusers' keys (`weight` of a conv
   or linear is our `kernel`).
 
-  Usage:
-    vae = AutoencoderKL.from_pretrained("FLUX.1-dev/vae", dtype="bfloat16")
+  Usage (`from spatial_jax.models.vae import params`):
+    vae = params.from_pretrained("FLUX.1-dev/vae", dtype="bfloat16")
     z = vae.scale_latents(vae.encode(images).mode())     # -> the transformer's latents
     images = vae.decode(vae.unscale_latents(z))           # in [-1, 1] (not clipped)
   """
@@ -204,10 +202,3 @@ class AutoencoderKL(nnx.Module):
 
   def unscale_latents(self, z: jax.Array) -> jax.Array:
     return unscale_latents(z, self.config)
-
-  @classmethod
-  def from_pretrained(cls, local_dir: str | os.PathLike, **kwargs: Any) -> AutoencoderKL:
-    """A diffusers `vae/` folder (config.json + safetensors); see `params.from_pretrained`."""
-    from spatial_jax.models.vae import params
-
-    return params.from_pretrained(local_dir, **kwargs)
