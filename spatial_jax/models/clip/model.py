@@ -1,4 +1,4 @@
-"""CLIP's text tower (FLUX's `text_encoder`, CLIP-L) in Flax NNX, with `from_pretrained`.
+"""CLIP's text tower (FLUX's `text_encoder`, CLIP-L) in Flax NNX.
 
 transformers 5 has no Flax CLIP any more (flux.md §13), so this is a port of the PyTorch
 `CLIPTextModel` of transformers 5.24 (`models/clip/modeling_clip.py`); FLUX uses only its
@@ -12,24 +12,20 @@ scale 1/sqrt(head_dim) -> residual, `layer_norm2` -> `fc1` -> act -> `fc2` -> re
 compute dtype, as torch's LayerNorm kernel and transformers' eager softmax do.
 
 Module attributes carry the hub checkpoint's names (`text_model.encoder.layers.0.self_attn.
-q_proj`, `layer_norm1.weight`, `token_embedding.weight`), so the key map is mechanical: a
-torch Linear `[out, in]` weight is our transposed `[in, out]` kernel, everything else keeps its
-name. transformers 5 itself drops the `text_model.` prefix when it saves a CLIPTextModel
-(`PrefixChange(prefix_to_remove="text_model")` in its conversion mapping); both namings load.
+q_proj`, `layer_norm1.weight`, `token_embedding.weight`), so the checkpoint key map in
+`params.py` is mechanical.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax import hf
 from spatial_jax.models.clip.config import CLIPTextConfig
-from spatial_jax.models.common import activation, linear, load_pretrained
+from spatial_jax.models.common import activation, linear
 from spatial_jax.sharding import shard
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")
@@ -232,54 +228,3 @@ class CLIPTextModel(nnx.Module):
       x, pooled_positions(input_ids, config.eos_token_id)[:, None, None], axis=1
     )[:, 0]
     return CLIPTextOutput(last_hidden_state=x, pooler_output=pooled)
-
-  @classmethod
-  def from_pretrained(
-    cls,
-    local_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    param_dtype: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    sharding_rules: Any = None,
-  ) -> CLIPTextModel:
-    """Reads a transformers `CLIPTextModel` folder (`config.json` + safetensors, e.g. FLUX's
-    `text_encoder/`) into this module.
-
-    Args:
-      local_dir: the folder. A full `CLIPModel` folder is refused (its vision tower and
-        projections are unexpected keys); pass a text-only export.
-      dtype: compute dtype ("float32", "bfloat16"); param_dtype: parameter dtype (default
-        `dtype`).
-      mesh: place every weight sharded on this mesh as it is read (no full copy per device).
-      sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
-
-    Raises:
-      hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
-    """
-    param_dtype = param_dtype or dtype
-    config = CLIPTextConfig.from_hf_config(
-      hf.read_config(local_dir), dtype=dtype, param_dtype=param_dtype
-    )
-    return load_pretrained(
-      cls,
-      config,
-      hf.SafetensorsFolder(local_dir),
-      lambda _: KEY_RULES,
-      mesh=mesh,
-      sharding_rules=sharding_rules,
-    )
-
-
-_T = hf.transpose()
-_PREFIX = r"(?:text_model\.)?"  # The hub's naming; transformers 5's save_pretrained drops it.
-_LINEARS = r"encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
-
-# HF key -> our path. Anything else (a CLIPModel's `vision_model.*`, `text_projection.weight`,
-# `logit_scale`) matches no rule and is reported as unexpected.
-KEY_RULES = (
-  # A non-persistent buffer that older transformers wrote out; positions are recomputed.
-  hf.ignore(_PREFIX + r"embeddings\.position_ids"),
-  hf.KeyRule(_PREFIX + rf"({_LINEARS})\.weight", r"text_model.\1.kernel", _T),
-  hf.KeyRule(_PREFIX + r"((?:embeddings|encoder|final_layer_norm)\..+)", r"text_model.\1"),
-)

@@ -67,8 +67,7 @@ class T5Config(HFConfig):
     return self.num_heads * self.d_kv
 
   def to_hf_config(self, **extra: Any) -> dict[str, Any]:
-    """A transformers `config.json` dict of the encoder (what `T5EncoderModel.save_pretrained`
-    writes): `from_hf_config` and `transformers.T5Config` read it. `extra` adds or overrides
+    """A transformers `config.json` dict of the encoder (what `params.save_pretrained` writes): `from_hf_config` and `transformers.T5Config` read it. `extra` adds or overrides
     entries (e.g. the tokenizer's `pad_token_id` / `eos_token_id`).
 
     `dropout_rate` is 0: our port has no dropout, so a torch model built from the file in train
