@@ -148,8 +148,9 @@ class HFConfig:
 # --- Loading --------------------------------------------------------------------------------------
 
 M = TypeVar("M", bound=nnx.Module)
-# The model's variables (dotted path -> shape) -> the family's checkpoint key rules.
-KeyRules = Callable[[dict[str, tuple[int, ...]]], Sequence[hf.KeyRule]]
+# (the checkpoint's keys, the model's variables by dotted path -> shape) -> the family's key
+# rules.
+KeyRules = Callable[[list[str], dict[str, tuple[int, ...]]], Sequence[hf.KeyRule]]
 
 
 def abstract_model(model_class: Callable[..., M], config: Any) -> M:
@@ -183,7 +184,7 @@ def load_pretrained(
     model_class: the family's model, called as `model_class(config, rngs=...)`.
     config: its config; the weights are stored in `config.param_dtype`.
     folder: an `hf.SafetensorsFolder`, or a view with its `keys`, `read` and `path`.
-    key_rules: the model's `variable_shapes` -> the checkpoint key rules (`hf.KeyRule`s).
+    key_rules: (the checkpoint's keys, the model's `variable_shapes`) -> the key rules.
     mesh: place every weight sharded on this mesh as it is read (no full copy per device).
     sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
 
@@ -194,7 +195,7 @@ def load_pretrained(
   return hf.load_into(
     abstract,
     folder,
-    key_rules(variable_shapes(abstract)),
+    key_rules(folder.keys(), variable_shapes(abstract)),
     mesh=mesh,
     sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
     dtype=config.param_dtype,

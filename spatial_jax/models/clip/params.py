@@ -61,7 +61,7 @@ def from_pretrained(
     CLIPTextModel,
     config,
     hf.SafetensorsFolder(local_dir),
-    lambda _: KEY_RULES,
+    lambda *_: KEY_RULES,
     mesh=mesh,
     sharding_rules=sharding_rules,
   )

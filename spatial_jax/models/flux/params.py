@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -172,7 +172,7 @@ def to_bfl(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def hf_key_to_path(
-  key: str, our_paths: set[str], our_modules: set[str]
+  key: str, our_paths: Collection[str], our_modules: set[str]
 ) -> tuple[str, hf.Transform | None]:
   """Our variable path (`[n]` for slice n of a stacked layer) and transform for a diffusers key.
 
@@ -188,7 +188,7 @@ def hf_key_to_path(
   return f"{stem}.{leaf}{index}", transform
 
 
-def key_rules(keys: Iterable[str], our_paths: set[str]) -> list[hf.KeyRule]:
+def key_rules(keys: Iterable[str], our_paths: Collection[str]) -> list[hf.KeyRule]:
   """One exact rule per checkpoint key."""
   modules = {p.rpartition(".")[0] for p in our_paths}
   return [hf.KeyRule(re.escape(k), *hf_key_to_path(k, our_paths, modules)) for k in keys]
@@ -235,12 +235,7 @@ def from_pretrained(
     folder = hf.SafetensorsFolder(local_dir)
     config = FluxConfig.from_hf_config(hf.read_config(local_dir), **runtime)
   return common.load_pretrained(
-    FluxTransformer,
-    config,
-    folder,
-    lambda shapes: key_rules(folder.keys(), set(shapes)),
-    mesh=mesh,
-    sharding_rules=sharding_rules,
+    FluxTransformer, config, folder, key_rules, mesh=mesh, sharding_rules=sharding_rules
   )
 
 

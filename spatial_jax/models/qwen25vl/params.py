@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -40,7 +41,7 @@ _RENAMES = (
 
 
 def hf_key_to_path(
-  key: str, our_paths: set[str], config: Qwen25VLConfig
+  key: str, our_paths: Collection[str], config: Qwen25VLConfig
 ) -> tuple[str, hf.Transform | None] | None:
   """Our parameter path and the transform for one HF key, or None when it maps to nothing.
 
@@ -68,7 +69,9 @@ def hf_key_to_path(
   return path, None
 
 
-def key_rules(keys: list[str], our_paths: set[str], config: Qwen25VLConfig) -> list[hf.KeyRule]:
+def key_rules(
+  keys: list[str], our_paths: Collection[str], config: Qwen25VLConfig
+) -> list[hf.KeyRule]:
   """One exact rule per checkpoint key (keys that map to nothing are left as unexpected)."""
   rules = []
   for key in keys:
@@ -108,17 +111,21 @@ def from_pretrained(
     param_dtype=param_dtype or dtype,
     **runtime,
   )
-  folder = hf.SafetensorsFolder(local_dir)
 
-  def rules(shapes: dict[str, tuple[int, ...]]) -> list[hf.KeyRule]:
-    rules = key_rules(folder.keys(), set(shapes), config)
-    if config.text.tie_word_embeddings and "lm_head.weight" in folder:
+  def rules(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> list[hf.KeyRule]:
+    rules = key_rules(keys, shapes, config)
+    if config.text.tie_word_embeddings and "lm_head.weight" in keys:
       # Some exports keep a copy of the tied head; our tied model reads the embedding table.
       rules.insert(0, hf.ignore(r"lm_head\.weight"))
     return rules
 
   return common.load_pretrained(
-    Qwen25VLModel, config, folder, rules, mesh=mesh, sharding_rules=sharding_rules
+    Qwen25VLModel,
+    config,
+    hf.SafetensorsFolder(local_dir),
+    rules,
+    mesh=mesh,
+    sharding_rules=sharding_rules,
   )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import jax
@@ -56,19 +56,14 @@ def from_pretrained(
   )
   folder = hf.SafetensorsFolder(local_dir)
   return common.load_pretrained(
-    T5EncoderModel,
-    config,
-    folder,
-    lambda shapes: key_rules(folder.keys(), set(shapes)),
-    mesh=mesh,
-    sharding_rules=sharding_rules,
+    T5EncoderModel, config, folder, key_rules, mesh=mesh, sharding_rules=sharding_rules
   )
 
 
 # --- Checkpoint keys ------------------------------------------------------------------------------
 
 
-def hf_key_to_path(key: str, our_paths: set[str]) -> tuple[str, hf.Transform | None]:
+def hf_key_to_path(key: str, our_paths: Collection[str]) -> tuple[str, hf.Transform | None]:
   """Our variable path and transform for a transformers key (unknown keys keep their name, so
   `load_into` reports them as unused)."""
   stem, _, leaf = key.rpartition(".")
@@ -80,7 +75,7 @@ def hf_key_to_path(key: str, our_paths: set[str]) -> tuple[str, hf.Transform | N
   return key, None
 
 
-def key_rules(keys: Iterable[str], our_paths: set[str]) -> list[hf.KeyRule]:
+def key_rules(keys: Iterable[str], our_paths: Collection[str]) -> list[hf.KeyRule]:
   """One exact rule per checkpoint key, after the skipped decoder / lm_head keys.
 
   The token embedding is `shared.weight`; `encoder.embed_tokens.weight` is the same tied

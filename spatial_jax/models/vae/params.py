@@ -90,7 +90,7 @@ def from_pretrained(
     AutoencoderKL,
     config,
     hf.SafetensorsFolder(local_dir),
-    key_rules,
+    lambda _, shapes: key_rules(shapes),
     mesh=mesh,
     sharding_rules=sharding_rules,
   )
