@@ -148,8 +148,7 @@ class HFConfig:
 # --- Loading --------------------------------------------------------------------------------------
 
 M = TypeVar("M", bound=nnx.Module)
-# (the checkpoint's keys, the model's variables by dotted path -> shape) -> the family's key
-# rules.
+# (The checkpoint's keys, the model's variables as dotted path -> shape) -> the family's rules.
 KeyRules = Callable[[list[str], dict[str, tuple[int, ...]]], Sequence[hf.KeyRule]]
 
 
@@ -178,7 +177,8 @@ def load_pretrained(
   sharding_rules: Any = None,
 ) -> M:
   """The tail of every family's `params.from_pretrained`: builds `model_class(config)`
-  abstractly, derives the key rules from its variables and fills them from `folder`.
+  abstractly, derives the key rules from the checkpoint's keys and the model's variables, and
+  fills the model from `folder` one tensor at a time.
 
   Args:
     model_class: the family's model, called as `model_class(config, rngs=...)`.
