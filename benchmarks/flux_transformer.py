@@ -35,7 +35,7 @@ from flax import nnx
 from timing import median_time
 
 from spatial_jax import lora
-from spatial_jax.models.flux import FluxConfig, FluxTransformer, params
+from spatial_jax.models.flux import FluxConfig, params
 
 SIZES = {
   # A small but real shape: 3 heads x 128, 4 double + 8 single blocks, FLUX's widths otherwise.
@@ -85,7 +85,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
-    ours = FluxTransformer.from_pretrained(
+    ours = params.from_pretrained(
       folder, dtype=args.dtype, attention_impl=args.attention, remat=args.remat
     )
   lora.apply_lora(

@@ -26,7 +26,7 @@ from flax import nnx
 from timing import median_time
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from spatial_jax.models.qwen25vl import Qwen25VLModel, prepare_inputs
+from spatial_jax.models.qwen25vl import params, prepare_inputs
 
 SIZES = {
   # A small but real shape: 448x448 images -> 1024 patches, 256 language tokens each.
@@ -118,7 +118,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
-    ours = Qwen25VLModel.from_pretrained(folder, dtype=args.dtype)
+    ours = params.from_pretrained(folder, dtype=args.dtype)
   reference = reference.to(device)
 
   t_ids, t_mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)

@@ -10,6 +10,8 @@ Every model port's `from_pretrained` is three steps:
      time and places it straight into its NamedSharding, so no host or device
      ever holds the whole checkpoint.
 
+Steps 1 and 3 (with the abstract model) are `spatial_jax.models.common.load_pretrained`.
+
 Tensors are read through `np.memmap` of the raw safetensors bytes rather than
 `safetensors.safe_open`: the "numpy" framework cannot hold bfloat16, and the
 "flax"/"jax" frameworks put every tensor whole on the default device. A memmap

@@ -301,7 +301,7 @@ class Generator:
 
 def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> Generator:
   """Reads what `export_generator` wrote (e.g. `<workdir>/final`); `transformer_kwargs` go to
-  `FluxTransformer.from_pretrained` (dtype, mesh, sharding_rules, scan_layers, ...)."""
+  `flux.params.from_pretrained` (dtype, mesh, sharding_rules, scan_layers, ...)."""
   directory = os.fspath(directory)
   path = os.path.join(directory, GENERATOR_FILE)
   if not os.path.exists(path):
@@ -316,7 +316,7 @@ def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> G
       shift_factor=c["shift_factor"],
     )
   )
-  transformer = FluxTransformer.from_pretrained(
+  transformer = flux_params.from_pretrained(
     os.path.join(directory, info["transformer"]), **transformer_kwargs
   )
   encoder = synthetic.load_text_encoders(os.path.join(directory, info["text_encoders"]))

@@ -207,10 +207,10 @@ class FluxPipeline:
     """
     from transformers import AutoTokenizer  # Host-side only; slow to import.
 
-    from spatial_jax.models.clip import CLIPTextModel
-    from spatial_jax.models.flux import FluxTransformer
-    from spatial_jax.models.t5 import T5EncoderModel
-    from spatial_jax.models.vae import AutoencoderKL
+    from spatial_jax.models.clip import params as clip_params
+    from spatial_jax.models.flux import params as flux_params
+    from spatial_jax.models.t5 import params as t5_params
+    from spatial_jax.models.vae import params as vae_params
 
     local_dir = os.fspath(local_dir)
     index = hf.read_config(local_dir, "model_index.json")
@@ -232,11 +232,11 @@ class FluxPipeline:
 
     models = dict(dtype=dtype, mesh=mesh, sharding_rules=sharding_rules)
     return cls(
-      transformer=FluxTransformer.from_pretrained(path("transformer"), **models),
-      vae=AutoencoderKL.from_pretrained(path("vae"), **models),
-      text_encoder=CLIPTextModel.from_pretrained(path("text_encoder"), **models),
+      transformer=flux_params.from_pretrained(path("transformer"), **models),
+      vae=vae_params.from_pretrained(path("vae"), **models),
+      text_encoder=clip_params.from_pretrained(path("text_encoder"), **models),
       tokenizer=AutoTokenizer.from_pretrained(path("tokenizer")),
-      text_encoder_2=T5EncoderModel.from_pretrained(path("text_encoder_2"), **models),
+      text_encoder_2=t5_params.from_pretrained(path("text_encoder_2"), **models),
       tokenizer_2=AutoTokenizer.from_pretrained(path("tokenizer_2")),
       schedule=FlowMatchSchedule.from_config(
         hf.read_config(path("scheduler"), "scheduler_config.json")

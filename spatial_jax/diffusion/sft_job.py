@@ -28,7 +28,7 @@ At the end `<workdir>/final/` holds the generator, for GRPO and for `load_genera
 
   final/generator.json      what the folder holds: codec settings, image size, sampling defaults
   final/transformer/        a diffusers folder (config.json + safetensors of diffusers-named
-                            weights, EMA if kept, LoRA merged): `FluxTransformer.from_pretrained`
+                            weights, EMA if kept, LoRA merged): `flux.params.from_pretrained`
                             (and diffusers' `FluxTransformer2DModel`) read it
   final/text_encoders/      the synthetic encoders' weights (T5 as trained) + config
   final/lora/               with `trainable="lora"`: the adapter alone, as a diffusers LoRA file
@@ -357,7 +357,7 @@ def build_model(config: Any, codec, encoder, mesh, rules) -> FluxTransformer:
     return add_lora(model)
 
   if m.transformer:
-    model = FluxTransformer.from_pretrained(
+    model = flux_params.from_pretrained(
       m.transformer, mesh=mesh, sharding_rules=config.sharding_rules, **runtime_kwargs(config)
     )
     with sharding.use_mesh(mesh, rules):

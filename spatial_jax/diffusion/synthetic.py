@@ -21,7 +21,7 @@ In the synthetic world none of them is trained:
   A random T5 cannot bind a colour word to the relation that places it, though, so
   `build_prompt_encoder(t5_pretrained=...)` can read a T5 pretrained on the grammar instead
   (job `text_encoder_synthetic`, the stand-in for T5-XXL's language pretraining), through the
-  same `T5EncoderModel.from_pretrained` a real T5 takes.
+  same `t5.params.from_pretrained` a real T5 takes.
 - `PromptEncoder` tokenizes prompts and returns `(prompt_embeds (B, T, D), pooled (B, P))` as
   diffusers' `FluxPipeline.encode_prompt` does: T5 states over the padded prompt without an
   attention mask, and CLIP's pooled output at the end-of-text token.
@@ -50,6 +50,7 @@ from spatial_jax import fileio, hf
 from spatial_jax.data import tokenizer as tokenizer_lib
 from spatial_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from spatial_jax.models.t5 import T5Config, T5EncoderModel
+from spatial_jax.models.t5 import params as t5_params
 
 # --- The codec ------------------------------------------------------------------------------------
 
@@ -354,7 +355,7 @@ def build_prompt_encoder(
   80 tokens hold the longest prompt of the grammar (76 words) plus `<bos>` and `<eos>`.
 
   With `t5_pretrained` (a folder `text_encoder_synthetic` wrote: a transformers T5 encoder and
-  the synthetic tokenizer), T5 is read from it with `T5EncoderModel.from_pretrained`, as a real
+  the synthetic tokenizer), T5 is read from it with `t5.params.from_pretrained`, as a real
   T5 is, and its sizes replace `t5`; CLIP stays the random one of `seed`.
   """
   pretrained = load_pretrained_t5(t5_pretrained, max_length) if t5_pretrained else None
@@ -402,7 +403,7 @@ def load_pretrained_t5(directory: str | os.PathLike, max_length: int) -> T5Encod
       f"{trained_length}, but config.text.max_length={max_length}; without an attention mask "
       "its states depend on the padding, so the two must be equal."
     )
-  model = T5EncoderModel.from_pretrained(directory)
+  model = t5_params.from_pretrained(directory)
   if model.config.vocab_size != len(expected):
     raise ValueError(
       f"{directory}/config.json: vocab_size={model.config.vocab_size}, but the synthetic "

@@ -33,7 +33,7 @@ from flax import nnx
 from spatial_jax import checkpoint, fileio, metrics, sharding
 from spatial_jax.data import tokenizer as tokenizer_lib
 from spatial_jax.diffusion import synthetic, text_pretrain
-from spatial_jax.models.t5 import model as t5_model
+from spatial_jax.models.t5 import params as t5_params
 
 # config.json's special token ids (transformers' T5 defaults, 0 and 1, are not this tokenizer's).
 _ID_TOKENS = (("pad_token_id", tokenizer_lib.PAD), ("eos_token_id", tokenizer_lib.EOS))
@@ -99,7 +99,7 @@ def export(directory: str, encoder, max_length: int) -> str:
   """Writes the encoder as a transformers T5 folder with the tokenizer, all or nothing."""
   with fileio.atomic_directory(directory) as tmp:
     ids = {name: tokenizer_lib.vocabulary().index(token) for name, token in _ID_TOKENS}
-    t5_model.save_pretrained(encoder, tmp, **ids)
+    t5_params.save_pretrained(encoder, tmp, **ids)
     tokenizer_lib.save_tokenizer(tmp, model_max_length=max_length)
   logging.info("Wrote the pretrained T5 encoder to %s", directory)
   return directory

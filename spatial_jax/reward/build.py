@@ -24,6 +24,7 @@ from flax import nnx
 from spatial_jax import lora, sharding
 from spatial_jax.data import tokenizer as synthetic_tokenizer
 from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, Qwen25VLConfig, Qwen25VLModel
+from spatial_jax.models.qwen25vl import params as qwen_params
 from spatial_jax.models.qwen25vl import processor as qwen_processor
 from spatial_jax.reward.model import (
   QWEN_INSTRUCTION,
@@ -126,7 +127,7 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
     )
 
   if config.model.pretrained:
-    backbone = Qwen25VLModel.from_pretrained(
+    backbone = qwen_params.from_pretrained(
       config.model.pretrained, mesh=mesh, sharding_rules=config.sharding_rules, **_runtime(config)
     )
     bconfig = backbone.config

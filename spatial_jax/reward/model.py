@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spatial_jax.models.common import FP32, linear
 from spatial_jax.models.qwen25vl import ModelInputs, Qwen25VLModel, prepare_inputs
 from spatial_jax.models.qwen25vl import processor as qwen_processor
-from spatial_jax.reward.head import RewardHead, fp32_dense
+from spatial_jax.reward.head import RewardHead
 
 REWARD_TOKEN = "<reward>"
 
@@ -85,7 +86,7 @@ class SpatialScoreModel(nnx.Module):
     )
     self.head = RewardHead(hidden, head_hidden, rngs=rngs)
     # Training only: the colour-grounding auxiliary's (x, y) readout (reward.grounding).
-    self.grounding_head = fp32_dense(hidden, 2, ("embed", None), rngs=rngs) if grounding else None
+    self.grounding_head = linear(hidden, 2, ("embed", None), FP32, rngs) if grounding else None
 
   def __call__(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
     mu, sigma, _ = self.forward(inputs)

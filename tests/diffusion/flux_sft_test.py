@@ -20,7 +20,6 @@ from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import sft_job
 from spatial_jax.diffusion.pipeline import FluxPipeline
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
-from spatial_jax.models.flux import FluxTransformer
 from spatial_jax.models.flux import params as flux_params
 
 CONFIG = "configs/flux_sft_synthetic.py"
@@ -175,7 +174,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
 def test_diffusers_export_round_trips_across_layer_layouts(smoke, tmp_path):
   # The smoke export (scanned) read as a looped model and written again: the same file.
   exported = os.path.join(smoke, "final", "transformer")
-  looped = FluxTransformer.from_pretrained(exported, scan_layers=False)
+  looped = flux_params.from_pretrained(exported, scan_layers=False)
   flux_params.save_pretrained(looped, tmp_path)
   saved = safetensors.numpy.load_file(tmp_path / "diffusion_pytorch_model.safetensors")
   original = safetensors.numpy.load_file(

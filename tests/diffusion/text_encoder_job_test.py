@@ -17,7 +17,7 @@ from spatial_jax import checkpoint, main
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import tokenizer as tokenizer_lib
 from spatial_jax.diffusion import sft_job, synthetic, text_encoder_job, text_pretrain
-from spatial_jax.models.t5 import T5EncoderModel
+from spatial_jax.models.t5 import params as t5_params
 
 CONFIG = "configs/text_encoder_synthetic.py"
 PROMPTS = ["a red circle to the left of a blue star", "A green square lies above the red circle."]
@@ -52,7 +52,7 @@ def smoke(tmp_path_factory):
 
 
 def _ours(folder, ids):
-  model = T5EncoderModel.from_pretrained(folder)
+  model = t5_params.from_pretrained(folder)
   return np.asarray(jax.jit(lambda m, x: m(x))(model, ids))
 
 

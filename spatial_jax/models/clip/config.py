@@ -13,15 +13,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
-# transformers' ACT2FN names this port implements (CLIP-L uses quick_gelu).
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
-_RUNTIME = ("dtype", "param_dtype")
+from spatial_jax.models.common import ACT2FN, HFConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(HFConfig):
   # Architecture (transformers CLIPTextConfig defaults).
   vocab_size: int = 49408
   hidden_size: int = 512
@@ -44,17 +40,15 @@ class CLIPTextConfig:
         f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
         f"{self.num_attention_heads}"
       )
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}")
-    for name in _RUNTIME:
-      jnp.dtype(getattr(self, name))  # Fails early on a misspelt dtype.
+    if self.hidden_act not in ACT2FN:  # CLIP-L's is quick_gelu.
+      raise ValueError(
+        f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACT2FN)}"
+      )
+    super().__post_init__()
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
-
-  def replace(self, **changes: Any) -> CLIPTextConfig:
-    return dataclasses.replace(self, **changes)
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **runtime: Any) -> CLIPTextConfig:
@@ -63,9 +57,7 @@ class CLIPTextConfig:
     (`projection_dim`, `bos_token_id`, ...) are ignored; runtime fields come from `runtime`."""
     if hf.get("model_type") == "clip" or "text_config" in hf or "text_config_dict" in hf:
       hf = hf.get("text_config") or hf.get("text_config_dict") or {}
-    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME)
-    fields = {k: v for k, v in hf.items() if k in names and v is not None}
-    return cls(**fields, **runtime)
+    return super().from_hf_config({k: v for k, v in hf.items() if v is not None}, **runtime)
 
   @classmethod
   def clip_l(cls, **overrides: Any) -> CLIPTextConfig:

@@ -1,4 +1,4 @@
-"""CLIP's text tower (FLUX's `text_encoder`, CLIP-L) in Flax NNX, with `from_pretrained`.
+"""CLIP's text tower (FLUX's `text_encoder`, CLIP-L) in Flax NNX.
 
 transformers 5 has no Flax CLIP any more (flux.md §13), so this is a port of the PyTorch
 `CLIPTextModel` of transformers 5.24 (`models/clip/modeling_clip.py`); FLUX uses only its
@@ -12,37 +12,24 @@ scale 1/sqrt(head_dim) -> residual, `layer_norm2` -> `fc1` -> act -> `fc2` -> re
 compute dtype, as torch's LayerNorm kernel and transformers' eager softmax do.
 
 Module attributes carry the hub checkpoint's names (`text_model.encoder.layers.0.self_attn.
-q_proj`, `layer_norm1.weight`, `token_embedding.weight`), so the key map is mechanical: a
-torch Linear `[out, in]` weight is our transposed `[in, out]` kernel, everything else keeps its
-name. transformers 5 itself drops the `text_model.` prefix when it saves a CLIPTextModel
-(`PrefixChange(prefix_to_remove="text_model")` in its conversion mapping); both namings load.
+q_proj`, `layer_norm1.weight`, `token_embedding.weight`), so the checkpoint key map in
+`params.py` is mechanical.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax import hf, sharding
 from spatial_jax.models.clip.config import CLIPTextConfig
+from spatial_jax.models.common import activation, linear
 from spatial_jax.sharding import shard
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")
 _HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-
-# transformers' ACT2FN: "gelu" is the exact erf form, "gelu_new"/"gelu_pytorch_tanh" the tanh one.
-ACTIVATIONS = {
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "relu": jax.nn.relu,
-  "silu": jax.nn.silu,
-}
 
 
 class CLIPTextOutput(NamedTuple):
@@ -50,21 +37,6 @@ class CLIPTextOutput(NamedTuple):
 
   last_hidden_state: jax.Array  # (B, T, H), after final_layer_norm.
   pooler_output: jax.Array  # (B, H), last_hidden_state at the EOS token.
-
-
-def _linear(
-  in_features: int, out_features: int, names: tuple[str, str], config: CLIPTextConfig, rngs
-) -> nnx.Linear:
-  """A biased `nnx.Linear` (every CLIP linear has a bias) with logical axis names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-    rngs=rngs,
-  )
 
 
 def _param(init, names: tuple[str | None, ...], shape, config: CLIPTextConfig, rngs) -> nnx.Param:
@@ -123,10 +95,10 @@ class CLIPAttention(nnx.Module):
     dim = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.head_dim = config.head_dim
-    self.q_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.k_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.v_proj = _linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.out_proj = _linear(dim, dim, ("heads", "embed"), config, rngs)
+    self.q_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.k_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.v_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.out_proj = linear(dim, dim, ("heads", "embed"), config, rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return shard(x.reshape(*x.shape[:-1], self.num_heads, self.head_dim), _HEADS)
@@ -149,9 +121,9 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
-    self.fc1 = _linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), config, rngs)
-    self.fc2 = _linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
-    self.act = ACTIVATIONS[config.hidden_act]
+    self.fc1 = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), config, rngs)
+    self.fc2 = linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
+    self.act = activation(config.hidden_act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(self.act(self.fc1(x)))
@@ -256,56 +228,3 @@ class CLIPTextModel(nnx.Module):
       x, pooled_positions(input_ids, config.eos_token_id)[:, None, None], axis=1
     )[:, 0]
     return CLIPTextOutput(last_hidden_state=x, pooler_output=pooled)
-
-  @classmethod
-  def from_pretrained(
-    cls,
-    local_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    param_dtype: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    sharding_rules: Any = None,
-  ) -> CLIPTextModel:
-    """Reads a transformers `CLIPTextModel` folder (`config.json` + safetensors, e.g. FLUX's
-    `text_encoder/`) into this module.
-
-    Args:
-      local_dir: the folder. A full `CLIPModel` folder is refused (its vision tower and
-        projections are unexpected keys); pass a text-only export.
-      dtype: compute dtype ("float32", "bfloat16"); param_dtype: parameter dtype (default
-        `dtype`).
-      mesh: place every weight sharded on this mesh as it is read (no full copy per device).
-      sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
-
-    Raises:
-      hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
-    """
-    param_dtype = param_dtype or dtype
-    config = CLIPTextConfig.from_hf_config(
-      hf.read_config(local_dir), dtype=dtype, param_dtype=param_dtype
-    )
-    with nnx.use_eager_sharding(False):
-      abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    return hf.load_into(
-      abstract,
-      hf.SafetensorsFolder(local_dir),
-      KEY_RULES,
-      mesh=mesh,
-      sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-      dtype=param_dtype,
-    )
-
-
-_T = hf.transpose()
-_PREFIX = r"(?:text_model\.)?"  # The hub's naming; transformers 5's save_pretrained drops it.
-_LINEARS = r"encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
-
-# HF key -> our path. Anything else (a CLIPModel's `vision_model.*`, `text_projection.weight`,
-# `logit_scale`) matches no rule and is reported as unexpected.
-KEY_RULES = (
-  # A non-persistent buffer that older transformers wrote out; positions are recomputed.
-  hf.ignore(_PREFIX + r"embeddings\.position_ids"),
-  hf.KeyRule(_PREFIX + rf"({_LINEARS})\.weight", r"text_model.\1.kernel", _T),
-  hf.KeyRule(_PREFIX + r"((?:embeddings|encoder|final_layer_norm)\..+)", r"text_model.\1"),
-)

@@ -2,5 +2,6 @@
 
 from spatial_jax.models.flux.config import FluxConfig
 from spatial_jax.models.flux.model import FluxTransformer
+from spatial_jax.models.flux.params import from_pretrained
 
-__all__ = ["FluxConfig", "FluxTransformer"]
+__all__ = ["FluxConfig", "FluxTransformer", "from_pretrained"]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import linear
 from spatial_jax.models.flux import layers
 from spatial_jax.models.flux.config import FluxConfig
 from spatial_jax.sharding import shard
@@ -29,20 +30,18 @@ class FluxAttention(nnx.Module):
     self.implementation = config.attention_impl
     self.norm_q = layers.RMSNorm(head_dim, config)
     self.norm_k = layers.RMSNorm(head_dim, config)
-    self.to_q = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.to_k = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
-    self.to_v = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.to_q = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.to_k = linear(dim, dim, ("embed", "heads"), config, rngs)
+    self.to_v = linear(dim, dim, ("embed", "heads"), config, rngs)
     if not pre_only:
-      self.to_out = nnx.List(
-        [layers.linear(dim, dim, ("heads", "embed"), config, rngs), layers.Dropout()]
-      )
+      self.to_out = nnx.List([linear(dim, dim, ("heads", "embed"), config, rngs), layers.Dropout()])
     if context:
       self.norm_added_q = layers.RMSNorm(head_dim, config)
       self.norm_added_k = layers.RMSNorm(head_dim, config)
-      self.add_q_proj = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
-      self.add_k_proj = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
-      self.add_v_proj = layers.linear(dim, dim, ("embed", "heads"), config, rngs)
-      self.to_add_out = layers.linear(dim, dim, ("heads", "embed"), config, rngs)
+      self.add_q_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+      self.add_k_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+      self.add_v_proj = linear(dim, dim, ("embed", "heads"), config, rngs)
+      self.to_add_out = linear(dim, dim, ("heads", "embed"), config, rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return shard(x.reshape(*x.shape[:-1], -1, self.head_dim), _HEADS)
@@ -99,8 +98,8 @@ class FluxSingleTransformerBlock(nnx.Module):
   def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs):
     dim, hidden = config.inner_dim, config.mlp_hidden_dim
     self.norm = layers.AdaLayerNormZeroSingle(config, rngs=rngs)
-    self.proj_mlp = layers.linear(dim, hidden, ("embed", "mlp"), config, rngs)
-    self.proj_out = layers.linear(dim + hidden, dim, ("mlp", "embed"), config, rngs)
+    self.proj_mlp = linear(dim, hidden, ("embed", "mlp"), config, rngs)
+    self.proj_out = linear(dim + hidden, dim, ("mlp", "embed"), config, rngs)
     self.attn = FluxAttention(config, context=False, pre_only=True, rngs=rngs)
 
   def __call__(self, h, temb, cos, sin) -> jax.Array:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from spatial_jax.models.common import HFConfig
+
 # `remat` policies by name (jax.checkpoint_policies); "none" keeps every activation, "full"
 # saves nothing inside a block.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(HFConfig):
+  RUNTIME = ("dtype", "param_dtype", "attention_impl", "remat", "scan_layers")
+
   # Architecture (diffusers FluxTransformer2DModel.__init__).
   patch_size: int = 1
   in_channels: int = 64
@@ -43,6 +47,7 @@ class FluxConfig:
   scan_layers: bool = True
 
   def __post_init__(self):
+    super().__post_init__()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"FluxConfig.remat={self.remat!r}; use one of {REMAT_POLICIES}")
     if sum(self.axes_dims_rope) != self.attention_head_dim:
@@ -65,41 +70,10 @@ class FluxConfig:
   def out_features(self) -> int:
     return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
 
-  def replace(self, **changes: Any) -> FluxConfig:
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_hf_config(cls, hf: dict[str, Any], **runtime: Any) -> FluxConfig:
-    """From a diffusers `transformer/config.json` dict; unknown keys (`_class_name`, ...) are
-    ignored, runtime fields come from `runtime`."""
-    names = {f.name for f in dataclasses.fields(cls)} - {
-      "dtype",
-      "param_dtype",
-      "attention_impl",
-      "remat",
-      "scan_layers",
-    }
-    fields = {k: v for k, v in hf.items() if k in names}
-    if "axes_dims_rope" in fields:
-      fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
-    return cls(**fields, **runtime)
-
   def to_hf_config(self) -> dict[str, Any]:
-    """The diffusers `config.json` fields (architecture only)."""
-    return dict(
-      _class_name="FluxTransformer2DModel",
-      patch_size=self.patch_size,
-      in_channels=self.in_channels,
-      out_channels=self.out_channels,
-      num_layers=self.num_layers,
-      num_single_layers=self.num_single_layers,
-      attention_head_dim=self.attention_head_dim,
-      num_attention_heads=self.num_attention_heads,
-      joint_attention_dim=self.joint_attention_dim,
-      pooled_projection_dim=self.pooled_projection_dim,
-      guidance_embeds=self.guidance_embeds,
-      axes_dims_rope=list(self.axes_dims_rope),
-    )
+    """The diffusers `config.json` fields (architecture only: diffusers has no `mlp_ratio`)."""
+    fields = {k: v for k, v in super().to_hf_config().items() if k != "mlp_ratio"}
+    return {"_class_name": "FluxTransformer2DModel", **fields}
 
   @classmethod
   def tiny(cls, **overrides: Any) -> FluxConfig:

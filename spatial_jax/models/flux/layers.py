@@ -15,30 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import linear
 from spatial_jax.models.flux.config import FluxConfig
 
 ROPE_THETA = 10000.0
 TIMESTEP_CHANNELS = 256
 EPS = 1e-6
-
-
-def linear(
-  in_features: int,
-  out_features: int,
-  names: tuple[str | None, str | None],
-  config: FluxConfig,
-  rngs: nnx.Rngs,
-) -> nnx.Linear:
-  """A biased `nnx.Linear` (every FLUX linear has a bias) with logical axis names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-    rngs=rngs,
-  )
 
 
 class Dropout(nnx.Module):

@@ -11,14 +11,13 @@ block is traced and compiled however deep the model is.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import linear
 from spatial_jax.models.flux import layers
 from spatial_jax.models.flux.blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from spatial_jax.models.flux.config import FluxConfig
@@ -95,10 +94,8 @@ class FluxTransformer(nnx.Module):
   def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs):
     self.config = config
     dim = config.inner_dim
-    self.x_embedder = layers.linear(config.in_channels, dim, (None, "embed"), config, rngs)
-    self.context_embedder = layers.linear(
-      config.joint_attention_dim, dim, (None, "embed"), config, rngs
-    )
+    self.x_embedder = linear(config.in_channels, dim, (None, "embed"), config, rngs)
+    self.context_embedder = linear(config.joint_attention_dim, dim, (None, "embed"), config, rngs)
     self.time_text_embed = layers.TimeTextEmbed(config, rngs=rngs)
     self.transformer_blocks = _stack(
       lambda r: FluxTransformerBlock(config, rngs=r), config.num_layers, config.scan_layers, rngs
@@ -110,7 +107,7 @@ class FluxTransformer(nnx.Module):
       rngs,
     )
     self.norm_out = layers.AdaLayerNormContinuous(config, rngs=rngs)
-    self.proj_out = layers.linear(dim, config.out_features, ("embed", None), config, rngs)
+    self.proj_out = linear(dim, config.out_features, ("embed", None), config, rngs)
 
   def __call__(
     self,
@@ -146,10 +143,3 @@ class FluxTransformer(nnx.Module):
     h = _run_blocks(self.single_transformer_blocks, h, _single_step, config, temb, cos, sin)
     x = h[:, c.shape[1] :]
     return self.proj_out(self.norm_out(x, temb))
-
-  @classmethod
-  def from_pretrained(cls, local_dir: str | os.PathLike, **kwargs: Any) -> FluxTransformer:
-    """A diffusers `transformer/` folder or a BFL single file; see `params.from_pretrained`."""
-    from spatial_jax.models.flux import params
-
-    return params.from_pretrained(local_dir, **kwargs)

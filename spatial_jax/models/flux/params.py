@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from spatial_jax import fileio, hf, lora, sharding
+from spatial_jax.models import common
 from spatial_jax.models.flux.config import FluxConfig
 from spatial_jax.models.flux.model import FluxTransformer
 
@@ -171,7 +172,7 @@ def to_bfl(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def hf_key_to_path(
-  key: str, our_paths: set[str], our_modules: set[str]
+  key: str, our_paths: Collection[str], our_modules: set[str]
 ) -> tuple[str, hf.Transform | None]:
   """Our variable path (`[n]` for slice n of a stacked layer) and transform for a diffusers key.
 
@@ -187,7 +188,7 @@ def hf_key_to_path(
   return f"{stem}.{leaf}{index}", transform
 
 
-def key_rules(keys: Iterable[str], our_paths: set[str]) -> list[hf.KeyRule]:
+def key_rules(keys: Iterable[str], our_paths: Collection[str]) -> list[hf.KeyRule]:
   """One exact rule per checkpoint key."""
   modules = {p.rpartition(".")[0] for p in our_paths}
   return [hf.KeyRule(re.escape(k), *hf_key_to_path(k, our_paths, modules)) for k in keys]
@@ -233,17 +234,8 @@ def from_pretrained(
   else:
     folder = hf.SafetensorsFolder(local_dir)
     config = FluxConfig.from_hf_config(hf.read_config(local_dir), **runtime)
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: FluxTransformer(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-  return hf.load_into(
-    (graphdef, state),
-    folder,
-    key_rules(folder.keys(), our_paths),
-    mesh=mesh,
-    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-    dtype=param_dtype or dtype,
+  return common.load_pretrained(
+    FluxTransformer, config, folder, key_rules, mesh=mesh, sharding_rules=sharding_rules
   )
 
 
@@ -367,7 +359,7 @@ def to_diffusers_state(model: FluxTransformer) -> dict[str, np.ndarray]:
 
 def save_pretrained(model: FluxTransformer, directory: str | os.PathLike) -> None:
   """Writes a diffusers `transformer/` folder (`config.json` + one safetensors file) that
-  `FluxTransformer.from_pretrained` and diffusers' `FluxTransformer2DModel.from_pretrained` read.
+  `from_pretrained` and diffusers' `FluxTransformer2DModel.from_pretrained` read.
 
   Weights keep their dtype. Every process must call it (sharded weights are gathered);
   process 0 writes.

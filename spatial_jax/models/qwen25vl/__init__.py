@@ -8,6 +8,7 @@ from spatial_jax.models.qwen25vl.model import (
   Qwen25VLOutput,
   prepare_inputs,
 )
+from spatial_jax.models.qwen25vl.params import from_pretrained
 from spatial_jax.models.qwen25vl.processor import ImageProcessor, build_prompt_ids, chat_prompt
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
   "VisionConfig",
   "build_prompt_ids",
   "chat_prompt",
+  "from_pretrained",
   "prepare_inputs",
 ]

@@ -13,44 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = {
-  "silu": jax.nn.silu,
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+from spatial_jax.models.common import HasDtypes, activation, linear
 
 
 def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
-
-
-def linear(
-  in_features: int,
-  out_features: int,
-  names: tuple[str | None, str | None],
-  *,
-  use_bias: bool,
-  dtype: str,
-  param_dtype: str,
-  rngs: nnx.Rngs,
-  init_std: float,
-) -> nnx.Linear:
-  """An `nnx.Linear` whose kernel (in, out) and bias carry logical axis names.
-
-  The kernel is drawn from N(0, init_std^2) (the config's `initializer_range`), as transformers
-  initialises it; the bias starts at 0.
-  """
-  return nnx.Linear(
-    in_features,
-    out_features,
-    use_bias=use_bias,
-    dtype=dtype_of(dtype),
-    param_dtype=dtype_of(param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.normal(init_std), names),
-    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-    rngs=rngs,
-  )
 
 
 class RMSNorm(nnx.Module):
@@ -85,16 +52,15 @@ class GatedMLP(nnx.Module):
     *,
     act: str,
     use_bias: bool,
-    dtype: str,
-    param_dtype: str,
+    config: HasDtypes,
     rngs: nnx.Rngs,
     init_std: float,
   ):
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=init_std)
-    self.gate_proj = linear(dim, hidden, ("embed", "mlp"), **kw)
-    self.up_proj = linear(dim, hidden, ("embed", "mlp"), **kw)
-    self.down_proj = linear(hidden, dim, ("mlp", "embed"), **kw)
-    self.act = ACTIVATIONS[act]
+    kw = dict(use_bias=use_bias, init_std=init_std)
+    self.gate_proj = linear(dim, hidden, ("embed", "mlp"), config, rngs, **kw)
+    self.up_proj = linear(dim, hidden, ("embed", "mlp"), config, rngs, **kw)
+    self.down_proj = linear(hidden, dim, ("mlp", "embed"), config, rngs, **kw)
+    self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx, struct
 
 from spatial_jax import sharding
-from spatial_jax.models.qwen25vl import layers, rope_index, vision
+from spatial_jax.models.common import linear
+from spatial_jax.models.qwen25vl import rope_index, vision
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig
 from spatial_jax.models.qwen25vl.text import TextModel
 from spatial_jax.models.qwen25vl.vision import VisionTransformer
@@ -53,14 +54,13 @@ class Qwen25VLModel(nnx.Module):
     self.visual = VisionTransformer(config, rngs=rngs)
     self.language_model = TextModel(config, rngs=rngs)
     if not config.text.tie_word_embeddings:
-      self.lm_head = layers.linear(
+      self.lm_head = linear(
         config.text.hidden_size,
         config.text.vocab_size,
         ("embed", "vocab"),
+        config,
+        rngs,
         use_bias=False,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        rngs=rngs,
         init_std=config.text.initializer_range,
       )
 
@@ -114,13 +114,6 @@ class Qwen25VLModel(nnx.Module):
     return self.forward(
       self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
     )
-
-  @classmethod
-  def from_pretrained(cls, local_dir: str, **kwargs: Any) -> Qwen25VLModel:
-    """Loads a Hugging Face Qwen2.5-VL folder; see `params.from_pretrained`."""
-    from spatial_jax.models.qwen25vl import params
-
-    return params.from_pretrained(local_dir, **kwargs)
 
 
 def splice_image_features(

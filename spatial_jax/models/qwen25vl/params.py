@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 import jax
 from flax import nnx
 
-from spatial_jax import hf, sharding
+from spatial_jax import hf
+from spatial_jax.models import common
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig
+from spatial_jax.models.qwen25vl.model import Qwen25VLModel
 
 _T = hf.transpose()
 
@@ -38,7 +41,7 @@ _RENAMES = (
 
 
 def hf_key_to_path(
-  key: str, our_paths: set[str], config: Qwen25VLConfig
+  key: str, our_paths: Collection[str], config: Qwen25VLConfig
 ) -> tuple[str, hf.Transform | None] | None:
   """Our parameter path and the transform for one HF key, or None when it maps to nothing.
 
@@ -66,7 +69,9 @@ def hf_key_to_path(
   return path, None
 
 
-def key_rules(keys: list[str], our_paths: set[str], config: Qwen25VLConfig) -> list[hf.KeyRule]:
+def key_rules(
+  keys: list[str], our_paths: Collection[str], config: Qwen25VLConfig
+) -> list[hf.KeyRule]:
   """One exact rule per checkpoint key (keys that map to nothing are left as unexpected)."""
   rules = []
   for key in keys:
@@ -86,7 +91,7 @@ def from_pretrained(
   mesh: jax.sharding.Mesh | None = None,
   sharding_rules: Any = None,
   **runtime: Any,
-):
+) -> Qwen25VLModel:
   """Reads `config.json` + safetensors (single file or sharded index) into `Qwen25VLModel`.
 
   Args:
@@ -100,30 +105,27 @@ def from_pretrained(
   Raises:
     hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
   """
-  from spatial_jax.models.qwen25vl.model import Qwen25VLModel
-
   config = Qwen25VLConfig.from_hf_config(
     hf.read_config(local_dir),
     dtype=dtype,
     param_dtype=param_dtype or dtype,
     **runtime,
   )
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Qwen25VLModel(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-  folder = hf.SafetensorsFolder(local_dir)
-  rules = key_rules(folder.keys(), our_paths, config)
-  if config.text.tie_word_embeddings and "lm_head.weight" in folder:
-    # Some exports keep a copy of the tied head; our tied model reads the embedding table.
-    rules.insert(0, hf.ignore(r"lm_head\.weight"))
-  return hf.load_into(
-    (graphdef, state),
-    folder,
+
+  def rules(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> list[hf.KeyRule]:
+    rules = key_rules(keys, shapes, config)
+    if config.text.tie_word_embeddings and "lm_head.weight" in keys:
+      # Some exports keep a copy of the tied head; our tied model reads the embedding table.
+      rules.insert(0, hf.ignore(r"lm_head\.weight"))
+    return rules
+
+  return common.load_pretrained(
+    Qwen25VLModel,
+    config,
+    hf.SafetensorsFolder(local_dir),
     rules,
     mesh=mesh,
-    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-    dtype=param_dtype or dtype,
+    sharding_rules=sharding_rules,
   )
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spatial_jax.models.common import linear
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig
 from spatial_jax.models.qwen25vl.layers import (
   GatedMLP,
@@ -26,7 +27,6 @@ from spatial_jax.models.qwen25vl.layers import (
   dtype_of,
   heads_merge,
   heads_split,
-  linear,
   remat_call,
 )
 from spatial_jax.sharding import shard
@@ -73,21 +73,12 @@ class Attention(nnx.Module):
     self.num_heads = text.num_attention_heads
     self.num_kv_heads = text.num_key_value_heads
     head_dim = text.head_dim
-    kw = dict(
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
-      init_std=cfg.text.initializer_range,
-    )
-    dim = text.hidden_size
-    self.q_proj = linear(dim, self.num_heads * head_dim, ("embed", "heads"), use_bias=True, **kw)
-    self.k_proj = linear(
-      dim, self.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=True, **kw
-    )
-    self.v_proj = linear(
-      dim, self.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=True, **kw
-    )
-    self.o_proj = linear(self.num_heads * head_dim, dim, ("heads", "embed"), use_bias=False, **kw)
+    dim, std = text.hidden_size, text.initializer_range
+    q_width, kv_width = self.num_heads * head_dim, self.num_kv_heads * head_dim
+    self.q_proj = linear(dim, q_width, ("embed", "heads"), cfg, rngs, init_std=std)
+    self.k_proj = linear(dim, kv_width, ("embed", "kv_heads"), cfg, rngs, init_std=std)
+    self.v_proj = linear(dim, kv_width, ("embed", "kv_heads"), cfg, rngs, init_std=std)
+    self.o_proj = linear(q_width, dim, ("heads", "embed"), cfg, rngs, use_bias=False, init_std=std)
     self.implementation = cfg.attention_impl
 
   def __call__(
@@ -122,8 +113,7 @@ class DecoderLayer(nnx.Module):
       text.intermediate_size,
       act=text.hidden_act,
       use_bias=False,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
+      config=cfg,
       rngs=rngs,
       init_std=text.initializer_range,
     )

@@ -18,22 +18,19 @@ Attribute names follow the HF modules, so an HF `[out, in]` weight is our `[in, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig, VisionConfig
 from spatial_jax.models.qwen25vl.layers import (
-  ACTIVATIONS,
   GatedMLP,
   RMSNorm,
   apply_rotary,
   attention,
   dtype_of,
-  linear,
   remat_call,
 )
 from spatial_jax.sharding import shard
@@ -207,24 +204,20 @@ def vision_rotary(position_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array
   return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def _linear_kwargs(cfg: Qwen25VLConfig, rngs: nnx.Rngs) -> dict[str, Any]:
-  """What every vision-tower linear shares: biases, dtypes and the config's init std."""
-  return dict(
-    use_bias=True,
-    dtype=cfg.dtype,
-    param_dtype=cfg.param_dtype,
-    rngs=rngs,
-    init_std=cfg.vision.initializer_range,
-  )
-
-
 class PatchEmbed(nnx.Module):
   """Conv3d with stride == kernel == one patch, i.e. a matmul over (C, T, P, P) patch rows."""
 
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
-    kw = _linear_kwargs(cfg, rngs) | dict(use_bias=False)  # Conv3d(bias=False).
-    self.proj = linear(v.patch_dim, v.hidden_size, ("conv_in", "embed"), **kw)
+    self.proj = linear(
+      v.patch_dim,
+      v.hidden_size,
+      ("conv_in", "embed"),
+      cfg,
+      rngs,
+      use_bias=False,  # Conv3d(bias=False).
+      init_std=v.initializer_range,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
@@ -235,9 +228,9 @@ class VisionAttention(nnx.Module):
 
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
-    kw = _linear_kwargs(cfg, rngs)
-    self.qkv = linear(v.hidden_size, 3 * v.hidden_size, ("embed", "heads"), **kw)
-    self.proj = linear(v.hidden_size, v.hidden_size, ("heads", "embed"), **kw)
+    std = v.initializer_range
+    self.qkv = linear(v.hidden_size, 3 * v.hidden_size, ("embed", "heads"), cfg, rngs, init_std=std)
+    self.proj = linear(v.hidden_size, v.hidden_size, ("heads", "embed"), cfg, rngs, init_std=std)
     self.num_heads = v.num_heads
     self.implementation = cfg.attention_impl
 
@@ -269,7 +262,10 @@ class VisionBlock(nnx.Module):
       v.hidden_size,
       v.intermediate_size,
       act=v.hidden_act,
-      **_linear_kwargs(cfg, rngs),
+      use_bias=True,
+      config=cfg,
+      rngs=rngs,
+      init_std=v.initializer_range,
     )
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
@@ -284,16 +280,16 @@ class PatchMerger(nnx.Module):
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
     v = cfg.vision
     width = v.hidden_size * v.merge_unit
-    kw = _linear_kwargs(cfg, rngs)
+    std = v.initializer_range
     self.ln_q = RMSNorm(v.hidden_size, eps=v.rms_norm_eps, param_dtype=cfg.param_dtype)
-    self.mlp_0 = linear(width, width, ("embed", "mlp"), **kw)
-    self.mlp_2 = linear(width, v.out_hidden_size, ("mlp", "embed"), **kw)
+    self.mlp_0 = linear(width, width, ("embed", "mlp"), cfg, rngs, init_std=std)
+    self.mlp_2 = linear(width, v.out_hidden_size, ("mlp", "embed"), cfg, rngs, init_std=std)
     self.width = width
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.ln_q(x).reshape(-1, self.width)
     # nn.GELU() in torch is the exact erf form.
-    return self.mlp_2(ACTIVATIONS["gelu"](self.mlp_0(x)))
+    return self.mlp_2(activation("gelu")(self.mlp_0(x)))
 
 
 class VisionTransformer(nnx.Module):

@@ -12,15 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
-
-# transformers ACT2FN names we implement (see model.ACTIVATIONS).
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
-_RUNTIME = ("dtype", "param_dtype")
+from spatial_jax.models.common import ACT2FN, HFConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(HFConfig):
   # Architecture (transformers T5Config; defaults are t5-small's, as there).
   vocab_size: int = 32128
   d_model: int = 512
@@ -44,15 +40,14 @@ class T5Config:
         f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: use `gated-{{act}}` or `{{act}}`, "
         "e.g. 'gated-gelu' (T5 v1.1) or 'relu' (T5)."
       )
-    if self.dense_act_fn not in ACTIVATIONS:
+    if self.dense_act_fn not in ACT2FN:
       raise ValueError(
         f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: activation "
-        f"{self.dense_act_fn!r} is not one of {ACTIVATIONS}."
+        f"{self.dense_act_fn!r} is not one of {sorted(ACT2FN)}."
       )
     if self.relative_attention_num_buckets < 4:
       raise ValueError("T5Config.relative_attention_num_buckets must be at least 4.")
-    for name in _RUNTIME:
-      jnp.dtype(getattr(self, name))  # Fails early on a typo ("bf16").
+    super().__post_init__()
 
   @property
   def is_gated_act(self) -> bool:
@@ -71,32 +66,17 @@ class T5Config:
     """Width of the concatenated attention heads (num_heads * d_kv; not d_model for XXL)."""
     return self.num_heads * self.d_kv
 
-  def replace(self, **changes: Any) -> T5Config:
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_hf_config(cls, hf: dict[str, Any], **runtime: Any) -> T5Config:
-    """From a transformers `config.json` dict; keys the encoder does not use (`num_decoder_layers`,
-    `dropout_rate`, `torch_dtype`, ...) are ignored, runtime fields come from `runtime`."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME)
-    unknown = set(runtime) - set(_RUNTIME)
-    if unknown:
-      raise TypeError(f"T5Config.from_hf_config: unknown runtime fields {sorted(unknown)}.")
-    return cls(**{k: v for k, v in hf.items() if k in names}, **runtime)
-
   def to_hf_config(self, **extra: Any) -> dict[str, Any]:
-    """A transformers `config.json` dict of the encoder (what `T5EncoderModel.save_pretrained`
-    writes): `from_hf_config` and `transformers.T5Config` read it. `extra` adds or overrides
+    """A transformers `config.json` dict of the encoder (what `params.save_pretrained` writes): `from_hf_config` and `transformers.T5Config` read it. `extra` adds or overrides
     entries (e.g. the tokenizer's `pad_token_id` / `eos_token_id`).
 
     `dropout_rate` is 0: our port has no dropout, so a torch model built from the file in train
     mode computes what ours does. `dtype` is the parameter dtype the weights are written in.
     """
-    names = [f.name for f in dataclasses.fields(self) if f.name not in _RUNTIME]
     config = dict(
       architectures=["T5EncoderModel"],
       model_type="t5",
-      **{name: getattr(self, name) for name in names},
+      **super().to_hf_config(),
       num_decoder_layers=self.num_layers,
       dropout_rate=0.0,
       is_encoder_decoder=False,

@@ -10,13 +10,11 @@ encoder side only. Numerics follow it exactly:
 - T5LayerNorm is an RMSNorm without mean subtraction or bias: the variance in fp32, and the
   weight multiply after casting back to the weight's dtype when that is half precision.
 - v1.1 feed-forward `wo(gelu_new(wi_0(x)) * wi_1(x))`; the original T5's `wo(relu(wi(x)))`.
-- No embedding scaling, pre-norm residual blocks, `final_layer_norm` at the end.
+- No embedding scaling, no bias in any linear, pre-norm residual blocks, `final_layer_norm` at
+  the end.
 
-Attribute names are transformers' module names (`block`/`layer` are `nnx.List`s), so the key map
-is mechanical: `encoder.block.0.layer.0.SelfAttention.q.weight` ([out, in]) is our transposed
-`encoder.block.0.layer.0.SelfAttention.q.kernel`, Embedding `.weight` is `.embedding`, and
-norm `.weight` keeps its name. `save_pretrained` writes the same map backwards (a folder that
-`transformers.T5EncoderModel.from_pretrained` reads), for encoders trained here.
+Attribute names are transformers' module names (`block`/`layer` are `nnx.List`s), so the
+checkpoint key map in `params.py` is mechanical.
 
 Compute runs in `config.dtype`; the attention logits, the bias and the softmax are fp32 (where
 transformers' eager path adds and normalises in the activation dtype), which only matters for
@@ -26,54 +24,19 @@ upcasts `wo` only for fp16 loads; at bf16 (FLUX's dtype) it keeps every weight i
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from collections.abc import Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spatial_jax import fileio, hf, sharding
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.t5.config import T5Config
 from spatial_jax.sharding import shard
 
 ACT_NAMES = ("act_batch", "act_seq", "act_embed")
 HEAD_NAMES = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-
-# transformers ACT2FN entries: "gelu" is the exact erf GELU, "gelu_new" the tanh approximation.
-ACTIVATIONS = {
-  "relu": jax.nn.relu,
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "silu": jax.nn.silu,
-  "swish": jax.nn.silu,
-}
-
-_T = hf.transpose()
-# A full T5ForConditionalGeneration checkpoint (e.g. google/t5-v1_1-xxl) also holds the decoder
-# and the LM head; transformers' T5EncoderModel skips them the same way.
-_IGNORED = (r"decoder\..*", r"lm_head\.weight")
-
-
-def linear(
-  in_features: int, out_features: int, names: tuple[str, str], config: T5Config, rngs: nnx.Rngs
-) -> nnx.Linear:
-  """A bias-free `nnx.Linear` (no T5 linear has a bias) with logical axis names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    use_bias=False,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-    rngs=rngs,
-  )
 
 
 def relative_position_bucket(
@@ -135,10 +98,10 @@ class T5Attention(nnx.Module):
     self.num_buckets = config.relative_attention_num_buckets
     self.max_distance = config.relative_attention_max_distance
     d, inner = config.d_model, config.inner_dim
-    self.q = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.k = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.v = linear(d, inner, ("embed", "heads"), config, rngs)
-    self.o = linear(inner, d, ("heads", "embed"), config, rngs)
+    self.q = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.k = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.v = linear(d, inner, ("embed", "heads"), config, rngs, use_bias=False)
+    self.o = linear(inner, d, ("heads", "embed"), config, rngs, use_bias=False)
     if has_relative_attention_bias:
       self.relative_attention_bias = nnx.Embed(
         self.num_buckets,
@@ -195,10 +158,10 @@ class T5DenseGatedActDense(nnx.Module):
   """T5 v1.1 feed-forward: wo(act(wi_0(x)) * wi_1(x)), act = gelu_new for "gated-gelu"."""
 
   def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-    self.wi_0 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wi_1 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs)
-    self.act = ACTIVATIONS[config.dense_act_fn]
+    self.wi_0 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wi_1 = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
+    self.act = activation(config.dense_act_fn)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
@@ -208,9 +171,9 @@ class T5DenseActDense(nnx.Module):
   """Original T5 feed-forward: wo(act(wi(x))), act = relu for "relu"."""
 
   def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-    self.wi = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs)
-    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs)
-    self.act = ACTIVATIONS[config.dense_act_fn]
+    self.wi = linear(config.d_model, config.d_ff, ("embed", "mlp"), config, rngs, use_bias=False)
+    self.wo = linear(config.d_ff, config.d_model, ("mlp", "embed"), config, rngs, use_bias=False)
+    self.act = activation(config.dense_act_fn)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.wo(self.act(self.wi(x)))
@@ -305,119 +268,3 @@ class T5EncoderModel(nnx.Module):
       mask = attention_mask.astype(bool)
     x = shard(self.shared(input_ids), ACT_NAMES)
     return self.encoder(x, mask)
-
-  @classmethod
-  def from_pretrained(
-    cls,
-    local_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    param_dtype: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    sharding_rules: Any = None,
-  ) -> T5EncoderModel:
-    """Reads a transformers T5 folder (config.json + safetensors, sharded index too).
-
-    Args:
-      local_dir: e.g. FLUX.1-dev's `text_encoder_2/` or a `google/t5-v1_1-xxl` snapshot (its
-        decoder and lm_head keys are skipped).
-      dtype: compute dtype ("float32", "bfloat16").
-      param_dtype: parameter dtype (default: `dtype`).
-      mesh: place every weight sharded on this mesh as it is read (no full copy per device).
-      sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
-
-    Raises:
-      hf.LoadError: missing or unexpected keys (listed), or a shape mismatch (named).
-    """
-    config = T5Config.from_hf_config(
-      hf.read_config(local_dir), dtype=dtype, param_dtype=param_dtype or dtype
-    )
-    with nnx.use_eager_sharding(False):
-      abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    our_paths = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-    folder = hf.SafetensorsFolder(local_dir)
-    return hf.load_into(
-      (graphdef, state),
-      folder,
-      key_rules(folder.keys(), our_paths),
-      mesh=mesh,
-      sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-      dtype=param_dtype or dtype,
-    )
-
-
-# --- Checkpoint keys ------------------------------------------------------------------------------
-
-
-def hf_key_to_path(key: str, our_paths: set[str]) -> tuple[str, hf.Transform | None]:
-  """Our variable path and transform for a transformers key (unknown keys keep their name, so
-  `load_into` reports them as unused)."""
-  stem, _, leaf = key.rpartition(".")
-  if leaf == "weight":
-    if f"{stem}.kernel" in our_paths:  # nn.Linear [out, in] -> nnx.Linear [in, out].
-      return f"{stem}.kernel", _T
-    if f"{stem}.embedding" in our_paths:  # nn.Embedding -> nnx.Embed, same layout.
-      return f"{stem}.embedding", None
-  return key, None
-
-
-def key_rules(keys: Iterable[str], our_paths: set[str]) -> list[hf.KeyRule]:
-  """One exact rule per checkpoint key, after the skipped decoder / lm_head keys.
-
-  The token embedding is `shared.weight`; `encoder.embed_tokens.weight` is the same tied
-  tensor, written by some exports next to it (then skipped) or instead of it (then loaded
-  into `shared`). One variable, so no `load_into` alias is needed.
-  """
-  keys = list(keys)
-  rules = [hf.ignore(pattern) for pattern in _IGNORED]
-  if "encoder.embed_tokens.weight" in keys:
-    target = None if "shared.weight" in keys else "shared.embedding"
-    rules.append(hf.KeyRule(r"encoder\.embed_tokens\.weight", target))
-  rules += [hf.KeyRule(re.escape(k), *hf_key_to_path(k, our_paths)) for k in keys]
-  return rules
-
-
-# --- Writing --------------------------------------------------------------------------------------
-
-
-def path_to_hf_key(path: str) -> tuple[str, bool]:
-  """The transformers key of one of our variable paths, and whether its array is transposed
-  (the inverse of `hf_key_to_path`)."""
-  stem, _, leaf = path.rpartition(".")
-  if leaf == "kernel":  # nnx.Linear [in, out] -> nn.Linear [out, in].
-    return f"{stem}.weight", True
-  if leaf == "embedding":
-    return f"{stem}.weight", False
-  return path, False
-
-
-def to_hf_state(model: T5EncoderModel) -> dict[str, np.ndarray]:
-  """The model's weights as transformers names them (`shared.weight`, `encoder.block.0...`),
-  as host numpy arrays in their own dtype. Sharded weights are gathered (every process must
-  call it)."""
-  out = {}
-  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = sharding.to_host(variable.get_value())
-    key, transposed = path_to_hf_key(".".join(str(p) for p in path))
-    out[key] = np.ascontiguousarray(value.T if transposed else value)
-  return out
-
-
-def save_pretrained(
-  model: T5EncoderModel, directory: str | os.PathLike, **config_extra: Any
-) -> None:
-  """Writes a transformers T5 encoder folder (`config.json` + `model.safetensors`) that
-  `T5EncoderModel.from_pretrained` and `transformers.T5EncoderModel.from_pretrained` read.
-
-  `config_extra` goes into config.json (e.g. `pad_token_id`, `eos_token_id`). Each file is
-  written atomically; every process must call it (sharded weights are gathered), process 0
-  writes.
-  """
-  tensors = to_hf_state(model)
-  if jax.process_index() != 0:
-    return
-  os.makedirs(directory, exist_ok=True)
-  hf.save_safetensors(tensors, os.path.join(directory, "model.safetensors"), {"format": "pt"})
-  config = json.dumps(model.config.to_hf_config(**config_extra), indent=2, sort_keys=True) + "\n"
-  fileio.write_atomic(os.path.join(directory, "config.json"), config.encode())

@@ -7,5 +7,13 @@ from spatial_jax.models.vae.model import (
   scale_latents,
   unscale_latents,
 )
+from spatial_jax.models.vae.params import from_pretrained
 
-__all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig", "scale_latents", "unscale_latents"]
+__all__ = [
+  "AutoencoderKL",
+  "DiagonalGaussian",
+  "VAEConfig",
+  "from_pretrained",
+  "scale_latents",
+  "unscale_latents",
+]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import activation, linear
 from spatial_jax.models.vae.config import VAEConfig
 from spatial_jax.sharding import shard
 
@@ -25,17 +26,9 @@ KERNEL = ("kernel_hw", "kernel_hw", "conv_in", "conv_out")
 # A conv that writes the image itself (3 channels) is replicated: 3 does not split over a
 # tensor axis, and the layer is tiny.
 IMAGE_KERNEL = ("kernel_hw", "kernel_hw", "conv_in", None)
-
-
-def activation(name: str):
-  """diffusers `get_activation(name)` (torch's exact GELU, not the tanh form)."""
-  return {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-  }[name]
+# A linear over channels mixes them like a 1x1 conv (the deprecated attention block stored it
+# as one), so it takes the conv channel names.
+CHANNELS = ("conv_in", "conv_out")
 
 
 def conv(
@@ -62,20 +55,6 @@ def conv(
     param_dtype=jnp.dtype(config.param_dtype),
     kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[-1],)),
-    rngs=rngs,
-  )
-
-
-def linear(in_features: int, out_features: int, config: VAEConfig, rngs: nnx.Rngs) -> nnx.Linear:
-  """A biased `nnx.Linear` over channels. It mixes channels like a 1x1 conv (the deprecated
-  attention block stored it as one), so it takes the conv channel names."""
-  return nnx.Linear(
-    in_features,
-    out_features,
-    dtype=jnp.dtype(config.dtype),
-    param_dtype=jnp.dtype(config.param_dtype),
-    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("conv_in", "conv_out")),
-    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
     rngs=rngs,
   )
 
@@ -149,10 +128,10 @@ class Attention(nnx.Module):
 
   def __init__(self, channels: int, config: VAEConfig, *, rngs: nnx.Rngs):
     self.group_norm = GroupNorm(channels, config.norm_num_groups, config)
-    self.to_q = linear(channels, channels, config, rngs)
-    self.to_k = linear(channels, channels, config, rngs)
-    self.to_v = linear(channels, channels, config, rngs)
-    self.to_out = nnx.List([linear(channels, channels, config, rngs), Dropout()])
+    self.to_q = linear(channels, channels, CHANNELS, config, rngs)
+    self.to_k = linear(channels, channels, CHANNELS, config, rngs)
+    self.to_v = linear(channels, channels, CHANNELS, config, rngs)
+    self.to_out = nnx.List([linear(channels, channels, CHANNELS, config, rngs), Dropout()])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape

@@ -10,17 +10,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from spatial_jax.models.common import HFConfig
+
 # The only block kinds the diffusers `Encoder`/`Decoder` of an AutoencoderKL use in practice (SD,
 # SDXL, SD3, FLUX); the attention variants (`AttnDownEncoderBlock2D`) are not ported.
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
-# diffusers `get_activation` names ("swish" is SiLU too).
+# diffusers `get_activation` names (all in common.ACT2FN; "swish" is SiLU too).
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
-_RUNTIME = ("dtype", "param_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(HFConfig):
   """diffusers `AutoencoderKL.__init__` arguments (same names, same defaults).
 
   `latents_mean` / `latents_std` of diffusers' config are not fields: the model never reads them
@@ -52,6 +53,7 @@ class VAEConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
+    super().__post_init__()
     for name in ("down_block_types", "up_block_types", "block_out_channels"):
       value = getattr(self, name)
       if not isinstance(value, tuple):
@@ -82,26 +84,6 @@ class VAEConfig:
   def downsample_factor(self) -> int:
     """Image pixels per latent pixel along each axis (diffusers pipelines' `vae_scale_factor`)."""
     return 2 ** (len(self.block_out_channels) - 1)
-
-  def replace(self, **changes: Any) -> VAEConfig:
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_hf_config(cls, hf: dict[str, Any], **runtime: Any) -> VAEConfig:
-    """From a diffusers `vae/config.json` dict; unknown keys (`_class_name`, `latents_mean`, ...)
-    are ignored, runtime fields come from `runtime`."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME)
-    return cls(**{k: v for k, v in hf.items() if k in names}, **runtime)
-
-  def to_hf_config(self) -> dict[str, Any]:
-    """The diffusers `config.json` fields (architecture only); `AutoencoderKL(**cfg)` builds it."""
-    fields = {
-      f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _RUNTIME
-    }
-    for name, value in fields.items():
-      if isinstance(value, tuple):
-        fields[name] = list(value)
-    return fields
 
   @classmethod
   def flux1(cls, **overrides: Any) -> VAEConfig:

@@ -13,13 +13,12 @@ and `unscale_latents` before `decode`, as the FLUX pipeline does (flux.md §6-7)
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models.common import activation
 from spatial_jax.models.vae import blocks
 from spatial_jax.models.vae.config import VAEConfig
 from spatial_jax.sharding import shard
@@ -83,7 +82,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     channels = config.block_out_channels
-    self.act = blocks.activation(config.act_fn)
+    self.act = activation(config.act_fn)
     self.conv_in = blocks.conv(config.in_channels, channels[0], config, rngs)
     self.down_blocks = nnx.List(
       [
@@ -117,7 +116,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     channels = tuple(reversed(config.block_out_channels))
-    self.act = blocks.activation(config.act_fn)
+    self.act = activation(config.act_fn)
     self.conv_in = blocks.conv(config.latent_channels, channels[0], config, rngs)
     self.mid_block = blocks.UNetMidBlock2D(channels[0], config, rngs=rngs)
     self.up_blocks = nnx.List(
@@ -149,8 +148,8 @@ class AutoencoderKL(nnx.Module):
   """diffusers `AutoencoderKL` in NHWC; parameter paths are diffusers' keys (`weight` of a conv
   or linear is our `kernel`).
 
-  Usage:
-    vae = AutoencoderKL.from_pretrained("FLUX.1-dev/vae", dtype="bfloat16")
+  Usage (`from spatial_jax.models.vae import params`):
+    vae = params.from_pretrained("FLUX.1-dev/vae", dtype="bfloat16")
     z = vae.scale_latents(vae.encode(images).mode())     # -> the transformer's latents
     images = vae.decode(vae.unscale_latents(z))           # in [-1, 1] (not clipped)
   """
@@ -203,10 +202,3 @@ class AutoencoderKL(nnx.Module):
 
   def unscale_latents(self, z: jax.Array) -> jax.Array:
     return unscale_latents(z, self.config)
-
-  @classmethod
-  def from_pretrained(cls, local_dir: str | os.PathLike, **kwargs: Any) -> AutoencoderKL:
-    """A diffusers `vae/` folder (config.json + safetensors); see `params.from_pretrained`."""
-    from spatial_jax.models.vae import params
-
-    return params.from_pretrained(local_dir, **kwargs)

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
-from flax import nnx
 
-from spatial_jax import hf, sharding
+from spatial_jax import hf
+from spatial_jax.models import common
 from spatial_jax.models.vae.config import VAEConfig
 from spatial_jax.models.vae.model import AutoencoderKL
 
@@ -54,19 +54,6 @@ def key_rules(our_shapes: dict[str, tuple[int, ...]]) -> list[hf.KeyRule]:
   return rules
 
 
-def abstract_model(config: VAEConfig) -> AutoencoderKL:
-  """Shapes, dtypes and logical names of the model, no memory."""
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-
-
-def variable_shapes(model: AutoencoderKL) -> dict[str, tuple[int, ...]]:
-  return {
-    ".".join(str(p) for p in path): tuple(var.shape)
-    for path, var in nnx.to_flat_state(nnx.state(model))
-  }
-
-
 def check_class(config: dict[str, Any], where: str | os.PathLike) -> None:
   name = config.get("_class_name")
   if name not in (None, "AutoencoderKL"):
@@ -98,14 +85,12 @@ def from_pretrained(
   local_dir = os.fspath(local_dir)
   raw = hf.read_config(local_dir)
   check_class(raw, local_dir)
-  param_dtype = param_dtype or dtype
-  config = VAEConfig.from_hf_config(raw, dtype=dtype, param_dtype=param_dtype)
-  abstract = abstract_model(config)
-  return hf.load_into(
-    abstract,
+  config = VAEConfig.from_hf_config(raw, dtype=dtype, param_dtype=param_dtype or dtype)
+  return common.load_pretrained(
+    AutoencoderKL,
+    config,
     hf.SafetensorsFolder(local_dir),
-    key_rules(variable_shapes(abstract)),
+    lambda _, shapes: key_rules(shapes),
     mesh=mesh,
-    sharding_rules=sharding.resolve_rules(sharding_rules) if mesh is not None else None,
-    dtype=param_dtype,
+    sharding_rules=sharding_rules,
   )

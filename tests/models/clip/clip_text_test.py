@@ -14,9 +14,9 @@ import torch
 import transformers
 
 from spatial_jax import hf, sharding
-from spatial_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from spatial_jax.models.clip import config as config_lib
+from spatial_jax.models.clip import CLIPTextConfig
 from spatial_jax.models.clip import model as model_lib
+from spatial_jax.models.clip import params as clip_params
 
 VOCAB, SEQ, PAD = 99, 24, 1
 LEGACY_EOS = 2  # Pre-PR-#24773 configs, FLUX's text_encoder among them: pool at argmax(ids).
@@ -92,7 +92,7 @@ def checkpoints(tmp_path_factory):
       model = _torch_model(eos_token_id, hidden_act)
       folder = tmp_path_factory.mktemp(f"clip_{variant}")
       model.save_pretrained(folder)
-      ours = CLIPTextModel.from_pretrained(folder)
+      ours = clip_params.from_pretrained(folder)
       cache[variant] = model, folder, ours, _prompts(eos_token_id)
     return cache[variant]
 
@@ -162,7 +162,7 @@ def test_hub_key_names_load(checkpoints, tmp_path):
   tensors["text_model.embeddings.position_ids"] = np.arange(SEQ, dtype=np.int64)[None]
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-  hub = CLIPTextModel.from_pretrained(tmp_path)
+  hub = clip_params.from_pretrained(tmp_path)
   for got, expected in zip(_forward(hub, ids), _forward(ours, ids), strict=True):
     np.testing.assert_array_equal(got, expected)
 
@@ -175,14 +175,14 @@ def test_missing_and_unexpected_keys_raise(checkpoints, tmp_path):
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text((folder / "config.json").read_text())
   with pytest.raises(hf.LoadError) as error:
-    CLIPTextModel.from_pretrained(tmp_path)
+    clip_params.from_pretrained(tmp_path)
   assert "text_model.encoder.layers.1.mlp.fc2.bias" in str(error.value)
   assert "text_projection.weight" in str(error.value)
 
 
 def test_bfloat16_close_to_float32(checkpoints):
   _, folder, ours, ids = checkpoints("legacy")
-  bf16 = CLIPTextModel.from_pretrained(folder, dtype="bfloat16")
+  bf16 = clip_params.from_pretrained(folder, dtype="bfloat16")
   assert bf16.text_model.encoder.layers[0].mlp.fc1.kernel.dtype == jnp.bfloat16
   out = _jit_forward(bf16, jnp.asarray(ids), None)
   assert out.last_hidden_state.dtype == out.pooler_output.dtype == jnp.bfloat16
@@ -194,7 +194,7 @@ def test_bfloat16_close_to_float32(checkpoints):
 def test_sharded_load_matches(checkpoints):
   _, folder, ours, ids = checkpoints("legacy")
   mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
-  sharded = CLIPTextModel.from_pretrained(folder, mesh=mesh)
+  sharded = clip_params.from_pretrained(folder, mesh=mesh)
   kernel = sharded.text_model.encoder.layers[0].self_attn.q_proj.kernel[...]
   assert kernel.sharding.spec[0] == "fsdp"  # ("embed", "heads") under the default rules.
   position = sharded.text_model.embeddings.position_embedding.weight[...]
@@ -220,4 +220,5 @@ def test_config_from_full_clip_config():
   assert (
     CLIPTextConfig.from_hf_config({}).eos_token_id == transformers.CLIPTextConfig().eos_token_id
   )
-  assert set(config_lib.ACTIVATIONS) == set(model_lib.ACTIVATIONS)
+  with pytest.raises(ValueError, match="hidden_act='nope' is not supported"):
+    CLIPTextConfig(hidden_act="nope")

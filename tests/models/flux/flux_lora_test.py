@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from spatial_jax import lora
-from spatial_jax.models.flux import FluxTransformer, params
+from spatial_jax.models.flux import params
 
 NAME = "guided"
 # diffusers' train_dreambooth_lora_flux / Flow-GRPO target list (PEFT suffix matching).
@@ -71,7 +71,7 @@ def _diffusers_with(folder, adapter_dir):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_our_adapter_loads_in_diffusers(saved, tmp_path, scan_layers):
-  ours = FluxTransformer.from_pretrained(saved, scan_layers=scan_layers)
+  ours = params.from_pretrained(saved, scan_layers=scan_layers)
   batch = R.inputs(NAME)
   base_out = _forward(ours, batch)
   matched = lora.apply_lora(
@@ -101,7 +101,7 @@ def test_diffusers_adapter_loads_here(saved, tmp_path, scan_layers):
   batch = R.inputs(NAME, seed=3)
   expected = R.torch_forward(model, batch)
 
-  ours = FluxTransformer.from_pretrained(saved, scan_layers=scan_layers)
+  ours = params.from_pretrained(saved, scan_layers=scan_layers)
   adapted = params.load_lora(ours, tmp_path)
   assert all(layer.rank == 4 and layer.alpha == 6 for layer in lora.lora_layers(ours).values())
   assert len(adapted) == (12 + 3 if scan_layers else 2 * 12 + 3 * 3)
@@ -109,11 +109,11 @@ def test_diffusers_adapter_loads_here(saved, tmp_path, scan_layers):
 
 
 def test_round_trip_and_merge(saved, tmp_path):
-  ours = FluxTransformer.from_pretrained(saved)
+  ours = params.from_pretrained(saved)
   lora.apply_lora(ours, rank=4, alpha=8, targets=params.DEFAULT_LORA_TARGETS, rngs=nnx.Rngs(0))
   _randomize_adapters(ours, seed=1)
   params.export_lora(ours, tmp_path)
-  again = FluxTransformer.from_pretrained(saved)
+  again = params.from_pretrained(saved)
   params.load_lora(again, tmp_path)
   for path, layer in lora.lora_layers(ours).items():
     other = lora.lora_layers(again)[path]

@@ -60,7 +60,7 @@ def test_missing_and_unexpected_keys_are_listed(saved, tmp_path):
   tensors["transformer_blocks.0.attn.extra.weight"] = np.zeros((2, 2), np.float32)
   hf.save_safetensors(tensors, tmp_path / "diffusion_pytorch_model.safetensors")
   with pytest.raises(hf.LoadError) as err:
-    FluxTransformer.from_pretrained(tmp_path)
+    params.from_pretrained(tmp_path)
   assert "transformer_blocks.attn.to_k.kernel[1]" in str(err.value)
   assert "transformer_blocks.0.attn.extra.weight" in str(err.value)
 
@@ -72,22 +72,22 @@ def test_wrong_shapes_are_named(saved, tmp_path):
     saved / "diffusion_pytorch_model.safetensors"
   )
   with pytest.raises(hf.LoadError, match="context_embedder.weight"):
-    FluxTransformer.from_pretrained(tmp_path)
+    params.from_pretrained(tmp_path)
 
 
 def test_not_a_bfl_file(tmp_path):
   path = tmp_path / "model.safetensors"
   hf.save_safetensors({"x": np.zeros(2, np.float32)}, path)
   with pytest.raises(hf.LoadError, match="not a BFL FLUX checkpoint"):
-    FluxTransformer.from_pretrained(path)
+    params.from_pretrained(path)
 
 
 def test_sharded_forward_equals_single_device(saved):
   batch = _batch(batch=4)  # Split over data x fsdp = 4.
-  single = np.asarray(FluxTransformer.from_pretrained(saved)(**batch))
+  single = np.asarray(params.from_pretrained(saved)(**batch))
   mesh = sharding.make_mesh([("fsdp", 4), ("tensor", 2)])
   rules = sharding.resolve_rules(None)
-  model = FluxTransformer.from_pretrained(saved, mesh=mesh)
+  model = params.from_pretrained(saved, mesh=mesh)
   with sharding.use_mesh(mesh, rules):  # Adapters are born sharded like their base kernels.
     lora.apply_lora(model, rank=4, alpha=8, targets=params.DEFAULT_LORA_TARGETS, rngs=nnx.Rngs(0))
   to_q = model.transformer_blocks.attn.to_q
@@ -123,8 +123,8 @@ def test_created_sharded_with_scanned_layers():
 
 def test_bf16_forward_stays_close_to_fp32(saved):
   batch = _batch(seed=0)
-  fp32 = np.asarray(FluxTransformer.from_pretrained(saved)(**batch))
-  model = FluxTransformer.from_pretrained(saved, dtype="bfloat16")
+  fp32 = np.asarray(params.from_pretrained(saved)(**batch))
+  model = params.from_pretrained(saved, dtype="bfloat16")
   assert model.transformer_blocks.ff.net[0].proj.kernel[...].dtype == jnp.bfloat16
   out = model(**batch)
   assert out.dtype == jnp.bfloat16
@@ -155,7 +155,7 @@ def test_lora_gradients_scan_loop_and_remat_agree(saved, remat):
   batch = _batch(seed=5)
 
   def adapted(**runtime):
-    model = FluxTransformer.from_pretrained(saved, **runtime)
+    model = params.from_pretrained(saved, **runtime)
     lora.apply_lora(model, rank=4, alpha=8, targets=params.lora_targets(True), rngs=nnx.Rngs(0))
     for layer in lora.lora_layers(model).values():
       layer.lora_b[...] = jnp.full(layer.lora_b.shape, 0.05)

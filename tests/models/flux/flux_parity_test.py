@@ -1,4 +1,4 @@
-"""Parity of `FluxTransformer.from_pretrained` with diffusers' FluxTransformer2DModel at fp32."""
+"""Parity of our FluxTransformer (`params.from_pretrained`) with diffusers' at fp32."""
 
 import flux_reference as R
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spatial_jax import hf
-from spatial_jax.models.flux import FluxConfig, FluxTransformer, params
+from spatial_jax.models.flux import FluxConfig, params
 
 
 def _forward(model, batch):
@@ -29,7 +29,7 @@ def saved(request, tmp_path_factory):
 def test_forward_matches_diffusers(saved, scan_layers):
   name, torch_model, folder = saved
   batch = R.inputs(name)
-  ours = FluxTransformer.from_pretrained(folder, scan_layers=scan_layers)
+  ours = params.from_pretrained(folder, scan_layers=scan_layers)
   assert ours.config.guidance_embeds == R.CONFIGS[name]["guidance_embeds"]
   expected = R.torch_forward(torch_model, batch)
   got = _forward(ours, batch)
@@ -45,7 +45,7 @@ def test_bfl_single_file_matches_diffusers(saved, tmp_path):
   path = tmp_path / "flux1-test.safetensors"
   hf.save_safetensors(params.to_bfl(state), path)
   config = FluxConfig.from_hf_config(dict(torch_model.config))
-  ours = FluxTransformer.from_pretrained(path, config=config)
+  ours = params.from_pretrained(path, config=config)
   batch = R.inputs(name, seed=1)
   expected = R.torch_forward(torch_model, batch)
   np.testing.assert_allclose(

@@ -81,7 +81,7 @@ def test_parity_with_transformers(saved, case, naming, shards, tie, padding):
   reference, folder = saved(case, naming=naming, shards=shards, tie=tie)
   ids, mask, pixels, grid = _batch(case, padding)
   ref_logits, ref_hidden = R.run(reference, ids, mask, pixels, grid)
-  model = Qwen25VLModel.from_pretrained(folder)
+  model = params.from_pretrained(folder)
   assert model.config.text.tie_word_embeddings == tie
   out = model(ids, mask, pixels, grid)
   _assert_close_on_valid(out.last_hidden_state, ref_hidden, mask)
@@ -101,13 +101,13 @@ def test_text_only_parity(saved):
   reference, folder = saved("merge2")
   ids, mask, _, _ = R.batch([], [[], []], patch_dim=96, merge=2, padding="right")
   ref_logits, _ = R.run(reference, ids, mask, None, None)
-  out = Qwen25VLModel.from_pretrained(folder)(ids, mask)
+  out = params.from_pretrained(folder)(ids, mask)
   _assert_close_on_valid(out.logits, ref_logits, mask)
 
 
 def test_jitted_forward_on_prepared_inputs_equals_eager(saved):
   _, folder = saved("merge2")
-  model = Qwen25VLModel.from_pretrained(folder)
+  model = params.from_pretrained(folder)
   ids, mask, pixels, grid = _batch("merge2", "left")
   inputs = prepare_inputs(model.config, ids, mask, pixels, grid)
   graphdef, state = nnx.split(model)
@@ -124,7 +124,7 @@ def test_missing_and_unexpected_keys_are_listed(saved, tmp_path):
   save_file(state, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
   with pytest.raises(hf.LoadError) as error:
-    Qwen25VLModel.from_pretrained(tmp_path)
+    params.from_pretrained(tmp_path)
   message = str(error.value)
   assert "language_model.layers.1.mlp.up_proj.kernel" in message
   assert "visual.blocks.0.attn.extra.weight" in message
@@ -133,16 +133,16 @@ def test_missing_and_unexpected_keys_are_listed(saved, tmp_path):
 def test_wrong_model_type_is_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
   with pytest.raises(ValueError, match="model_type='llama'"):
-    Qwen25VLModel.from_pretrained(tmp_path)
+    params.from_pretrained(tmp_path)
 
 
 def test_sharded_forward_equals_single_device(saved):
   _, folder = saved("merge2", tie=False)
   ids, mask, pixels, grid = _batch("merge2", "left")
-  single = Qwen25VLModel.from_pretrained(folder)(ids, mask, pixels, grid)
+  single = params.from_pretrained(folder)(ids, mask, pixels, grid)
   mesh = sharding.make_mesh([("fsdp", 4), ("tensor", 2)])
   rules = sharding.resolve_rules(None)
-  model = Qwen25VLModel.from_pretrained(folder, mesh=mesh)
+  model = params.from_pretrained(folder, mesh=mesh)
   q_kernel = model.language_model.layers[0].self_attn.q_proj.kernel[...]
   assert q_kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
   assert model.lm_head.kernel[...].sharding.spec == PartitionSpec("fsdp", "tensor")
@@ -156,10 +156,8 @@ def test_sharded_forward_equals_single_device(saved):
 def test_bf16_forward_stays_close_to_fp32(saved):
   _, folder = saved("merge2")
   ids, mask, pixels, grid = _batch("merge2", "left")
-  fp32 = np.asarray(
-    Qwen25VLModel.from_pretrained(folder)(ids, mask, pixels, grid).last_hidden_state
-  )
-  model = Qwen25VLModel.from_pretrained(folder, dtype="bfloat16")
+  fp32 = np.asarray(params.from_pretrained(folder)(ids, mask, pixels, grid).last_hidden_state)
+  model = params.from_pretrained(folder, dtype="bfloat16")
   assert model.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
   bf16 = model(ids, mask, pixels, grid).last_hidden_state
   assert bf16.dtype == jnp.bfloat16
@@ -189,7 +187,7 @@ def test_peft_adapter_from_pytorch_gives_pytorch_outputs(saved, tmp_path):
   base_logits, _ = R.run(reference, ids, mask, pixels, grid)
   assert np.abs(ref_logits - base_logits).max() > 1e-2  # The adapter matters.
 
-  model = Qwen25VLModel.from_pretrained(folder)
+  model = params.from_pretrained(folder)
   adapted = params.load_peft_adapter(model, tmp_path)
   assert len(adapted) == 2 * 7
   assert all(any(re.fullmatch(t, p) for t in DEFAULT_LORA_TARGETS) for p in adapted)

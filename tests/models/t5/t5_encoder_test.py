@@ -1,4 +1,4 @@
-"""Parity of `T5EncoderModel.from_pretrained` with transformers' T5EncoderModel (tiny, random).
+"""Parity of our T5EncoderModel (`params.from_pretrained`) with transformers' one (tiny, random).
 
 The PyTorch model is written with `save_pretrained` and read back through `spatial_jax.hf`, so
 the key map, the transposes and the numerics are all checked (flux.md §13: transformers 5 has no
@@ -18,7 +18,8 @@ from flax import nnx
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from spatial_jax import hf, sharding
-from spatial_jax.models.t5 import T5Config, T5EncoderModel
+from spatial_jax.models.t5 import T5Config
+from spatial_jax.models.t5 import params as t5_params
 from spatial_jax.models.t5.model import relative_position_bucket
 
 # max_distance 20 with 8 buckets: 4 per direction, exact below 2, log-spaced up to 20.
@@ -97,7 +98,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(saved):
-  return T5EncoderModel.from_pretrained(saved[1])
+  return t5_params.from_pretrained(saved[1])
 
 
 def test_config_from_hf(saved):
@@ -147,7 +148,7 @@ def test_padded_batch_matches_torch_on_valid_positions(saved, ours):
 def test_relu_t5_matches_torch(tmp_path):
   model = _torch_model(feed_forward_proj="relu")
   model.save_pretrained(tmp_path)
-  ours = T5EncoderModel.from_pretrained(tmp_path)
+  ours = t5_params.from_pretrained(tmp_path)
   assert not ours.config.is_gated_act
   ids = _ids(2, 24, seed=2)
   _close(_ours(ours, ids), _torch_forward(model, ids))
@@ -167,7 +168,7 @@ def test_tied_embedding_and_full_t5_keys(saved, tmp_path, variant):
 
   folder = _rewrite(saved[1], tmp_path / variant, edit)
   ids = _ids(2, LONG)
-  _close(_ours(T5EncoderModel.from_pretrained(folder), ids), _torch_forward(saved[0], ids))
+  _close(_ours(t5_params.from_pretrained(folder), ids), _torch_forward(saved[0], ids))
 
 
 def test_missing_and_unexpected_keys_raise(saved, tmp_path):
@@ -178,7 +179,7 @@ def test_missing_and_unexpected_keys_raise(saved, tmp_path):
 
   folder = _rewrite(saved[1], tmp_path / "broken", edit)
   with pytest.raises(hf.LoadError) as error:
-    T5EncoderModel.from_pretrained(folder)
+    t5_params.from_pretrained(folder)
   message = str(error.value)
   assert "encoder.block.1.layer.0.SelfAttention.q.kernel" in message
   assert "encoder.block.1.layer.0.SelfAttention.bogus.weight" in message
@@ -187,7 +188,7 @@ def test_missing_and_unexpected_keys_raise(saved, tmp_path):
 def test_bf16_close_to_fp32(saved, ours):
   ids = _ids(2, LONG)
   expected = _ours(ours, ids)
-  model = T5EncoderModel.from_pretrained(saved[1], dtype="bfloat16")
+  model = t5_params.from_pretrained(saved[1], dtype="bfloat16")
   params = nnx.to_flat_state(nnx.state(model, nnx.Param))
   assert {v.dtype for _, v in params} == {jnp.dtype(jnp.bfloat16)}
   out = _forward(model, jnp.asarray(ids), None)
@@ -199,7 +200,7 @@ def test_bf16_close_to_fp32(saved, ours):
 def test_sharded_load_matches_torch(saved):
   mesh = sharding.make_mesh([("fsdp", 2), ("tensor", 4)])
   rules = sharding.resolve_rules()
-  model = T5EncoderModel.from_pretrained(saved[1], mesh=mesh)
+  model = t5_params.from_pretrained(saved[1], mesh=mesh)
   q = model.encoder.block[0].layer[0].SelfAttention.q.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   ids = _ids(2, LONG)
@@ -209,9 +210,7 @@ def test_sharded_load_matches_torch(saved):
 
 
 def test_save_pretrained_round_trips_and_transformers_reads_it(ours, saved, tmp_path):
-  from spatial_jax.models.t5 import model as t5_model
-
-  t5_model.save_pretrained(ours, tmp_path, pad_token_id=0, eos_token_id=3)
+  t5_params.save_pretrained(ours, tmp_path, pad_token_id=0, eos_token_id=3)
   written = hf.SafetensorsFolder(tmp_path)
   original = hf.SafetensorsFolder(saved[1])
   assert written.keys() == original.keys()
@@ -222,5 +221,5 @@ def test_save_pretrained_round_trips_and_transformers_reads_it(ours, saved, tmp_
   assert T5Config.from_hf_config(config) == ours.config
   ids = _ids(2, LONG)
   reloaded = transformers.T5EncoderModel.from_pretrained(tmp_path).eval()
-  _close(_ours(T5EncoderModel.from_pretrained(tmp_path), ids), _torch_forward(saved[0], ids), 1e-5)
+  _close(_ours(t5_params.from_pretrained(tmp_path), ids), _torch_forward(saved[0], ids), 1e-5)
   _close(_torch_forward(reloaded, ids), _torch_forward(saved[0], ids), 1e-6)

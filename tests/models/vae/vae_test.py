@@ -1,4 +1,4 @@
-"""Parity of `AutoencoderKL.from_pretrained` with diffusers' AutoencoderKL (PyTorch) at fp32.
+"""Parity of `AutoencoderKL` (read by `params.from_pretrained`) with diffusers' PyTorch one at fp32.
 
 Random tiny models (norm weights and biases randomised too) are saved with `save_pretrained` and
 loaded through `spatial_jax.hf`; images are NON-square so a swapped H/W would show. Torch is NCHW,
@@ -18,6 +18,7 @@ import torch
 from flax import nnx
 
 from spatial_jax import hf, sharding
+from spatial_jax.models import common
 from spatial_jax.models.vae import (
   AutoencoderKL,
   DiagonalGaussian,
@@ -115,7 +116,7 @@ def store(tmp_path_factory):
       model = torch_vae(name)
       folder = tmp_path_factory.mktemp(f"vae_{name}")
       model.save_pretrained(folder)
-      cache[name] = model, folder, AutoencoderKL.from_pretrained(folder)
+      cache[name] = model, folder, vae_params.from_pretrained(folder)
     return cache[name]
 
   return get
@@ -186,7 +187,7 @@ def test_flux1_preset_maps_every_diffusers_key():
   with torch.device("meta"):  # Shapes only: no 84M-parameter init.
     reference = diffusers.AutoencoderKL(**published)
   torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-  ours = vae_params.variable_shapes(vae_params.abstract_model(config))
+  ours = common.variable_shapes(common.abstract_model(AutoencoderKL, config))
   mapped, unexpected = hf.map_keys(torch_shapes, vae_params.key_rules(ours))
   assert unexpected == [] and set(mapped) == set(ours)
   for path, (key, transform) in mapped.items():
@@ -213,7 +214,7 @@ def test_missing_and_unexpected_keys_raise(flux_like, tmp_path):
     return tensors
 
   with pytest.raises(hf.LoadError) as error:
-    AutoencoderKL.from_pretrained(_rewrite(folder, tmp_path, edit))
+    vae_params.from_pretrained(_rewrite(folder, tmp_path, edit))
   assert "decoder.up_blocks.0.upsamplers.0.conv.kernel" in str(error.value)
   assert "decoder.extra.weight" in str(error.value)
 
@@ -231,19 +232,19 @@ def test_pre_0_14_attention_names_load(flux_like, tmp_path):
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in renamed
     return renamed
 
-  old = AutoencoderKL.from_pretrained(_rewrite(folder, tmp_path, edit))
+  old = vae_params.from_pretrained(_rewrite(folder, tmp_path, edit))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(old), nnx.state(ours))
 
 
 def test_not_a_vae_folder(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
   with pytest.raises(hf.LoadError, match="not an AutoencoderKL"):
-    AutoencoderKL.from_pretrained(tmp_path)
+    vae_params.from_pretrained(tmp_path)
 
 
 def test_bf16_close_to_fp32(flux_like):
   _, folder, ours = flux_like
-  bf16 = AutoencoderKL.from_pretrained(folder, dtype="bfloat16")
+  bf16 = vae_params.from_pretrained(folder, dtype="bfloat16")
   assert bf16.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
   x, z = jnp.asarray(images()), jnp.asarray(latents(ours.config))
   (posterior, got), (expected_posterior, expected) = roundtrip(bf16, x, z), roundtrip(ours, x, z)
@@ -259,7 +260,7 @@ def test_sharded_load_and_decode(flux_like):
   torch_model, folder, ours = flux_like
   mesh = sharding.make_mesh([("data", 4), ("tensor", 2)])
   rules = sharding.resolve_rules()
-  sharded = AutoencoderKL.from_pretrained(folder, mesh=mesh)
+  sharded = vae_params.from_pretrained(folder, mesh=mesh)
   kernel = sharded.decoder.mid_block.resnets[0].conv1.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
   # The 3-channel image conv does not split in two: replicated.
