@@ -15,6 +15,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # End to end: executes the notebooks.
+
 COLABS = Path(__file__).resolve().parent.parent / "colabs"
 NOTEBOOKS = ("01_spatial_score", "02_grpo")
 PROBE = "PROBE_JSON:"
@@ -136,7 +138,6 @@ def _finite(values) -> bool:
   return all(math.isfinite(v) for v in values)
 
 
-@pytest.mark.slow
 def test_spatial_score_notebook_runs_on_smoke_settings(executed):
   notebook, probe, tmp_path = _result(executed, "01_spatial_score")
   assert probe["smoke"] is True
@@ -153,7 +154,6 @@ def test_spatial_score_notebook_runs_on_smoke_settings(executed):
   assert _images(notebook) == 3  # Pairs, learning curve, scored pairs.
 
 
-@pytest.mark.slow
 def test_grpo_notebook_runs_on_smoke_settings(executed):
   notebook, probe, _ = _result(executed, "02_grpo")
   assert probe["smoke"] is True

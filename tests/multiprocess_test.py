@@ -19,6 +19,8 @@ import pytest
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import synthetic_job
 
+pytestmark = pytest.mark.slow  # End to end: two processes through jax.distributed.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 # A hung coordinator must not hang CI (a worker that dies takes the others down within seconds

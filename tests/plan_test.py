@@ -8,6 +8,8 @@ import pytest
 
 from spatial_jax import configs_lib, plan
 
+pytestmark = pytest.mark.slow  # End to end: compiles full steps of every plan row.
+
 
 def test_tiny_plan_reports_every_row_without_allocating_weights(tmp_path):
   config = configs_lib.load_config("configs/plan.py", "tiny")

@@ -3,8 +3,12 @@
 import json
 import os
 
+import pytest
+
 from spatial_jax import quickstart
 from spatial_jax.configs_lib import load_config
+
+pytestmark = pytest.mark.slow  # End to end: every stage of the quickstart.
 
 
 def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):

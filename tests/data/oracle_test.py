@@ -7,6 +7,7 @@ from spatial_jax.data import oracle, perturb, render, scenes
 from spatial_jax.data.scenes import Relation, Scene, SceneObject
 
 
+@pytest.mark.slow
 def test_oracle_accepts_renders_and_rejects_perturbed_renders():
   """The synthetic data job's path: 2000 (chosen, rejected) pairs judged on the original prompt."""
   rng = np.random.default_rng(2026)

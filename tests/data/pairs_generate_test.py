@@ -10,6 +10,8 @@ from spatial_jax.configs_lib import load_config
 from spatial_jax.data import llm_perturb, loader, pairs, pairs_generate, synthetic_job
 from spatial_jax.reward import evaluate
 
+pytestmark = pytest.mark.slow  # End to end: pairs_generate job runs.
+
 SMOKE_PROMPTS = 16
 
 

@@ -136,6 +136,7 @@ def test_rng_latents_are_deterministic(store):
   assert not np.allclose(images[0], images[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() % 2, reason="needs an even number of devices")
 def test_sharded_pipeline_matches_unsharded(store):
   _, ours, folder = store(True)

@@ -22,6 +22,8 @@ from spatial_jax.diffusion.pipeline import FluxPipeline
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
 from spatial_jax.models.flux import params as flux_params
 
+pytestmark = pytest.mark.slow  # End to end: flux_sft job runs.
+
 CONFIG = "configs/flux_sft_synthetic.py"
 
 

@@ -28,6 +28,7 @@ def parts():
   return config, model, codec, encoder, geo
 
 
+@pytest.mark.slow
 def test_cfg_velocity_is_the_guided_combination(parts):
   _, model, _, encoder, geo = parts
   embeds, pooled = encoder(PROMPTS)
@@ -45,6 +46,7 @@ def test_cfg_velocity_is_the_guided_combination(parts):
     generator_lib.velocity_fn(model, embeds, pooled, *ids, cfg_scale=3.0)
 
 
+@pytest.mark.slow
 def test_prompt_dropout_one_trains_on_the_empty_prompt(parts):
   config, model, codec, encoder, geo = parts
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from spatial_jax.configs_lib import load_config
@@ -9,6 +10,8 @@ from spatial_jax.data import render, scenes
 from spatial_jax.data.prompts import synthetic_prompts
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import sample_job
+
+pytestmark = pytest.mark.slow  # End to end: sample job runs.
 
 
 def test_oracle_report_on_reference_renders_and_the_shuffled_control():

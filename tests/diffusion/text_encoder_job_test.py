@@ -19,6 +19,8 @@ from spatial_jax.data import tokenizer as tokenizer_lib
 from spatial_jax.diffusion import sft_job, synthetic, text_encoder_job, text_pretrain
 from spatial_jax.models.t5 import params as t5_params
 
+pytestmark = pytest.mark.slow  # End to end: text_encoder_synthetic and flux_sft job runs.
+
 CONFIG = "configs/text_encoder_synthetic.py"
 PROMPTS = ["a red circle to the left of a blue star", "A green square lies above the red circle."]
 
@@ -161,7 +163,6 @@ def test_flux_sft_refuses_a_t5_folder_of_another_length_or_vocabulary(smoke, tmp
     synthetic.build_prompt_encoder(t5_pretrained=bad)
 
 
-@pytest.mark.slow
 def test_flux_sft_smoke_run_with_the_pretrained_t5_exports_it(smoke, tmp_path):
   from spatial_jax.diffusion import generator as generator_lib
 

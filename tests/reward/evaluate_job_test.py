@@ -13,6 +13,8 @@ from spatial_jax.data import pairs, synthetic_job
 from spatial_jax.reward import evaluate_job
 from spatial_jax.reward.inference import SpatialScore
 
+pytestmark = pytest.mark.slow  # End to end: built on a reward_train run.
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

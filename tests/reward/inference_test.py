@@ -18,6 +18,8 @@ from spatial_jax.data import pairs
 from spatial_jax.reward import build, evaluate, inference, train
 from spatial_jax.reward.inference import SpatialScore
 
+pytestmark = pytest.mark.slow  # End to end: built on a reward_train run.
+
 
 def _smoke_config(**model):
   """The smoke config, smaller still: 2 steps on 16 pairs, one checkpoint."""

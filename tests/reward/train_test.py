@@ -14,6 +14,8 @@ from spatial_jax.data import loader, synthetic_job
 from spatial_jax.reward import build, grounding, train
 from spatial_jax.reward.model import trainable_filter
 
+pytestmark = pytest.mark.slow  # End to end: reward_train job runs.
+
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):

@@ -19,6 +19,8 @@ from spatial_jax.diffusion.schedule import FlowMatchSchedule
 from spatial_jax.rl import policy as policy_lib
 from spatial_jax.rl import steps, train
 
+pytestmark = pytest.mark.slow  # End to end: GRPO job runs.
+
 CONFIG = "configs/grpo_synthetic.py"
 PROMPTS = ["a red circle left of a blue square", "a green star above a yellow triangle"]
 # One float32 rounding step around 1: the rollout's scan and the differentiated step are

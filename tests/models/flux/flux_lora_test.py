@@ -69,6 +69,7 @@ def _diffusers_with(folder, adapter_dir):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_our_adapter_loads_in_diffusers(saved, tmp_path, scan_layers):
   ours = params.from_pretrained(saved, scan_layers=scan_layers)
@@ -87,6 +88,7 @@ def test_our_adapter_loads_in_diffusers(saved, tmp_path, scan_layers):
   _close(got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_diffusers_adapter_loads_here(saved, tmp_path, scan_layers):
   model = R.torch_model(NAME)
@@ -108,6 +110,7 @@ def test_diffusers_adapter_loads_here(saved, tmp_path, scan_layers):
   _close(_forward(ours, batch), expected)
 
 
+@pytest.mark.slow
 def test_round_trip_and_merge(saved, tmp_path):
   ours = params.from_pretrained(saved)
   lora.apply_lora(ours, rank=4, alpha=8, targets=params.DEFAULT_LORA_TARGETS, rngs=nnx.Rngs(0))

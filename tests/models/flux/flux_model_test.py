@@ -82,6 +82,7 @@ def test_not_a_bfl_file(tmp_path):
     params.from_pretrained(path)
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(saved):
   batch = _batch(batch=4)  # Split over data x fsdp = 4.
   single = np.asarray(params.from_pretrained(saved)(**batch))
@@ -109,6 +110,7 @@ def test_sharded_forward_equals_single_device(saved):
   np.testing.assert_allclose(np.asarray(out), single, rtol=1e-4, atol=1e-4 * np.abs(single).max())
 
 
+@pytest.mark.slow
 def test_created_sharded_with_scanned_layers():
   mesh = sharding.make_mesh([("fsdp", 4), ("tensor", 2)])
   rules = sharding.resolve_rules(None)
@@ -121,6 +123,7 @@ def test_created_sharded_with_scanned_layers():
   assert not np.allclose(np.asarray(kernel[0]), np.asarray(kernel[1]))
 
 
+@pytest.mark.slow
 def test_bf16_forward_stays_close_to_fp32(saved):
   batch = _batch(seed=0)
   fp32 = np.asarray(params.from_pretrained(saved)(**batch))
@@ -150,6 +153,7 @@ def _lora_grads(model, batch):
   return grads(trainable, rest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])
 def test_lora_gradients_scan_loop_and_remat_agree(saved, remat):
   batch = _batch(seed=5)

@@ -77,6 +77,7 @@ def _assert_close_on_valid(ours, ref, mask, rtol=1e-4, atol=1e-5):
     ("merge1", "hub", 2, True, "right"),
   ],
 )
+@pytest.mark.slow
 def test_parity_with_transformers(saved, case, naming, shards, tie, padding):
   reference, folder = saved(case, naming=naming, shards=shards, tie=tie)
   ids, mask, pixels, grid = _batch(case, padding)
@@ -105,6 +106,7 @@ def test_text_only_parity(saved):
   _assert_close_on_valid(out.logits, ref_logits, mask)
 
 
+@pytest.mark.slow
 def test_jitted_forward_on_prepared_inputs_equals_eager(saved):
   _, folder = saved("merge2")
   model = params.from_pretrained(folder)
@@ -153,6 +155,7 @@ def test_sharded_forward_equals_single_device(saved):
   _assert_close_on_valid(logits, np.asarray(single.logits), mask, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_forward_stays_close_to_fp32(saved):
   _, folder = saved("merge2")
   ids, mask, pixels, grid = _batch("merge2", "left")
@@ -169,6 +172,7 @@ def test_bf16_forward_stays_close_to_fp32(saved):
   assert error.mean() < 0.025 * np.abs(fp32[valid]).mean(), error.mean()
 
 
+@pytest.mark.slow
 def test_peft_adapter_from_pytorch_gives_pytorch_outputs(saved, tmp_path):
   reference, folder = saved("merge2", tie=False)
   targets = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -196,6 +200,7 @@ def test_peft_adapter_from_pytorch_gives_pytorch_outputs(saved, tmp_path):
     _assert_close_on_valid(model(ids, mask, pixels, grid).logits, base_logits, mask)
 
 
+@pytest.mark.slow
 def test_default_lora_targets_and_logical_names():
   with nnx.use_eager_sharding(False):
     model = Qwen25VLModel(Qwen25VLConfig.tiny(), rngs=nnx.Rngs(0))

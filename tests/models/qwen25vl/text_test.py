@@ -176,6 +176,7 @@ def test_padding_does_not_change_valid_outputs():
   np.testing.assert_allclose(np.asarray(out[1, valid]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_jit_matches_eager_and_remat_keeps_gradients():
   model = _make_model(TINY, seed=2)
   _, embeds, positions, mask = _inputs(TINY)
@@ -227,6 +228,7 @@ def test_mrope_tables(section):
       np.testing.assert_allclose(np.asarray(sin)[..., sl], per_row[i][1][..., sl], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_param_names_and_sharded_forward():
   cfg = TINY
   model = _make_model(cfg, seed=3)

@@ -211,6 +211,7 @@ def test_metadata_rejects_bad_grids():
     ours(jnp.zeros((60, v.patch_dim)), meta)
 
 
+@pytest.mark.slow
 def test_jit_with_metadata_argument_matches_eager():
   grid = np.array([[1, 8, 10], [1, 6, 6]])
   _, ours = _models(TINY)
