@@ -13,6 +13,12 @@ generator for GRPO (`sft_job.load_generator`). Resumes from the workdir's latest
   # With a T5 pretrained on the grammar (configs/text_encoder_synthetic.py) instead of a random one:
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft_t5 \
     --config.text.t5_pretrained=workdirs/t5/final
+  # T5 trained with the transformer (from random, or from t5_pretrained), exported with it:
+  python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft_j \
+    --config.text.t5_trainable=True
+
+Which encoder the generator reads changes its objects, not (at 1,500 steps) its layouts:
+docs/results/generator_text_encoder.md.
 
 What it reaches (2-core CPU, 1.8M-parameter transformer, ~0.55 s a step of 32 images: 1500
 steps in ~15 min on an idle machine; the data build takes ~2.5 min more). On 128 held-out
