@@ -499,12 +499,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     ids = encoder.tokenize(list(batch["prompt"]))
-    prompt_embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
-    arrays = dict(images=batch["chosen"], pooled=pooled)
     if t5_graphdef is None:
-      arrays["prompt_embeds"] = prompt_embeds
-    else:
-      arrays["t5_ids"] = ids["t5_ids"]  # The step encodes them with the T5 it trains.
+      prompt_embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
+      arrays = dict(images=batch["chosen"], prompt_embeds=prompt_embeds, pooled=pooled)
+    else:  # The step encodes the T5 ids with the T5 it trains.
+      pooled = encoder.encode_pooled(ids["clip_ids"])
+      arrays = dict(images=batch["chosen"], t5_ids=ids["t5_ids"], pooled=pooled)
     if config.train.object_weight != 1.0:
       arrays["weights"] = object_weights(batch["chosen"], config.train.object_weight)
     return {

@@ -257,6 +257,11 @@ class SyntheticTokenizer:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
+def _encode_pooled(graphdef: nnx.GraphDef, state: nnx.State, clip_ids: jax.Array):
+  return nnx.merge(graphdef, state).clip(clip_ids).pooler_output
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
 def _encode(graphdef: nnx.GraphDef, state: nnx.State, t5_ids: jax.Array, clip_ids: jax.Array):
   # Module level, keyed by the graphdef: encoders of the same structure share one compile.
   return nnx.merge(graphdef, state)(t5_ids, clip_ids)
@@ -313,6 +318,10 @@ class PromptEncoder:
 
   def encode_ids(self, t5_ids: Any, clip_ids: Any) -> tuple[jax.Array, jax.Array]:
     return _encode(self._graphdef, self._state, jnp.asarray(t5_ids), jnp.asarray(clip_ids))
+
+  def encode_pooled(self, clip_ids: Any) -> jax.Array:
+    """CLIP's pooled vector alone (a caller that runs T5 itself)."""
+    return _encode_pooled(self._graphdef, self._state, jnp.asarray(clip_ids))
 
   def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     ids = self.tokenize(prompts)
