@@ -4,8 +4,8 @@ The paper keeps the top-k and bottom-k rewards of each group of G: 2k = 12 of 24
 trained, which should halve the training phase (its forward + backward passes scale with the
 number of trained samples). One rollout of P prompts x 24 samples from the synthetic world's
 generator architecture (random weights: the timing does not depend on them) is scored, and the
-training phase (`rl.steps.make_train_step` on every trained timestep, one optimizer update per
-minibatch) runs on the kept 12 per group vs all 24, from the same rollout and the same state.
+training phase (`rl.loop.update`: the train step on every trained timestep, one optimizer update
+per minibatch) runs on the kept 12 per group vs all 24, from the same rollout and the same state.
 Prints the median times and their ratio (k=6 / k=None; expected near 0.5).
 
   python benchmarks/grpo_step.py            # CPU, fp32, from the repository root
@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,8 +29,8 @@ from timing import median_time  # noqa: E402  (benchmarks/)
 
 from spatial_jax import sharding  # noqa: E402
 from spatial_jax.configs_lib import load_config  # noqa: E402
-from spatial_jax.diffusion.schedule import FlowMatchSchedule  # noqa: E402
-from spatial_jax.rl import advantages, policy, steps  # noqa: E402
+from spatial_jax.diffusion import text_to_image  # noqa: E402
+from spatial_jax.rl import advantages, loop, steps  # noqa: E402
 
 
 def flux_sft_generator() -> dict:
@@ -62,40 +61,31 @@ def main() -> None:
   config.grpo.update(
     prompts_per_step=args.prompts, group_size=args.group, sde_window=(0, args.steps - 1)
   )
+  config.train.num_minibatches = 1
   mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
   rules = sharding.resolve_rules(None)
-  pol = policy.load_policy(config, mesh, rules)
+  pol = text_to_image.load_text_to_image(config, mesh, rules)
   graphdef, trainable, frozen = nnx.split(pol.transformer, nnx.LoRAParam, ...)
-  sigmas = jnp.asarray(FlowMatchSchedule().sigmas(args.steps, pol.geo.image_seq_len))
-  timesteps = steps.trained_timesteps(config, args.steps)
   tx = steps.make_optimizer(config)
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, pol, sigmas, timesteps, config))
+  phases = loop.jit_phases(graphdef, trainable, frozen, pol, tx, config, mesh, rules)
 
   prompts = ["a red circle left of a blue square above a green star"] * args.prompts
-  embeds, pooled = (jnp.repeat(x, args.group, axis=0) for x in pol.encode(prompts))
   with sharding.use_mesh(mesh, rules):
-    opt_state = tx.init(trainable)
-    rollout = jax.jit(steps.make_rollout(graphdef, pol, sigmas, config))
-    traj = jax.block_until_ready(rollout(trainable, frozen, embeds, pooled, jax.random.key(0)))
+    opt_state = jax.jit(tx.init)(trainable)
+    roll = loop.rollout(phases, pol, trainable, frozen, prompts, jax.random.key(0))
   rewards = jax.random.uniform(jax.random.key(1), (args.prompts, args.group))
+  state = [trainable, opt_state]  # The train step donates them: each call takes the last.
 
   def phase(k):
     adv, mask = advantages.topk_group_advantages(rewards, k)
-    kept = np.flatnonzero(np.asarray(mask).reshape(-1))
-    batch = dict(
-      latents=traj.latents[:, kept],
-      log_probs=traj.log_probs[:, kept],
-      advantages=adv.reshape(-1)[kept],
-      mask=jnp.ones(len(kept), bool),
-      prompt_embeds=embeds[kept],
-      pooled=pooled[kept],
-    )
+    scored = loop.Scored(rewards={}, reward=rewards, advantages=adv, mask=mask)
+    batches = loop.minibatches(phases, roll, scored, config, step=0)
 
     def run():
       with sharding.use_mesh(mesh, rules):
-        return jax.block_until_ready(train_step(trainable, opt_state, frozen, batch))
+        state[:] = loop.update(phases, *state, frozen, batches)[:2]
 
-    return len(kept), median_time(run, args.repeats)
+    return int(np.sum(mask)), median_time(run, args.repeats)
 
   kept_all, t_all = phase(None)
   kept_topk, t_topk = phase(args.topk)
@@ -105,7 +95,7 @@ def main() -> None:
     group=args.group,
     topk=args.topk,
     prompts=args.prompts,
-    trained_timesteps=len(timesteps),
+    trained_timesteps=len(phases.timesteps),
     trained_samples=dict(topk=kept_topk, all=kept_all),
     seconds=dict(topk=round(t_topk, 3), all=round(t_all, 3)),
     ratio=round(t_topk / t_all, 3),

@@ -29,9 +29,9 @@
 # renderer, tiny models from scratch) on a CPU, through the same functions as
 # `python -m spatial_jax.main`:
 #
-# 1. build a few synthetic preference pairs (`spatial_jax.data.synthetic_job`);
+# 1. build a few synthetic preference pairs (`spatial_jax.jobs.data_synthetic`);
 # 2. train a tiny SpatialScore with the job function of `configs/reward_synthetic.py`
-#    (`spatial_jax.reward.train.run`);
+#    (`spatial_jax.jobs.reward_train.run`);
 # 3. load it with `SpatialScore.load` and score chosen / rejected images: `mu` and `sigma`.
 #
 # **Status:** `configs/reward_synthetic.py` itself (20,000 pairs, 2,200 steps, about 18
@@ -85,9 +85,9 @@ import numpy as np
 from IPython.display import display
 
 from spatial_jax import configs_lib
-from spatial_jax.data import pairs, synthetic_job
+from spatial_jax.data import pairs
+from spatial_jax.jobs import data_synthetic, reward_train
 from spatial_jax.reward import SpatialScore
-from spatial_jax.reward import train as reward_train
 
 print("devices:", jax.devices())
 
@@ -111,7 +111,7 @@ if SMOKE:
   data_config.update(num_train=64, num_test=16)
 else:
   data_config.update(num_train=4000, num_test=500)
-stats = synthetic_job.run(data_config, PAIRS_DIR)
+stats = data_synthetic.run(data_config, PAIRS_DIR)
 print({k: stats[k] for k in ("num_pairs", "splits", "change_type", "oracle")})
 
 # %%

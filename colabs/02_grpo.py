@@ -22,7 +22,7 @@
 #   PPO-style **clipped ratio** objective, with a KL term to the reference model (LoRA off).
 #
 # This notebook runs one GRPO iteration phase by phase in the synthetic world, with the same
-# functions `spatial_jax/rl/train.py` (the `grpo` job) wires together, then a few iterations in
+# functions `spatial_jax/jobs/grpo.py` (the `grpo` job) wires together, then a few iterations in
 # a loop. The policy is a tiny random FLUX generator (or a trained one, see `GENERATOR`), so
 # its images are noise-like: the point is the mechanics, not the pictures.
 
@@ -69,22 +69,16 @@ print("spatial_jax from", os.path.dirname(spatial_jax.__file__))
 import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 from IPython.display import display
 
 from spatial_jax import configs_lib, sharding
-from spatial_jax.diffusion import generator as generator_lib
-from spatial_jax.diffusion.schedule import FlowMatchSchedule
-from spatial_jax.diffusion.sft_job import batch_shard_count
-from spatial_jax.rl import advantages as advantages_lib
-from spatial_jax.rl import grpo as grpo_lib
-from spatial_jax.rl import policy as policy_lib
+from spatial_jax.diffusion import text_to_image
+from spatial_jax.rl import loop
 from spatial_jax.rl import rewards as rewards_lib
 from spatial_jax.rl import steps as steps_lib
-from spatial_jax.rl import train as grpo_train
 
 print("devices:", jax.devices())
 
@@ -121,137 +115,77 @@ print(f"P={P} prompts x G={G} samples, top/bottom k={g.topk}, {config.sampling.n
 # %% [markdown]
 # ## Policy, rewards, prompts
 #
-# `load_policy` builds the FLUX transformer and adds LoRA adapters; the trainable state is the
+# `load_text_to_image` builds the FLUX transformer and adds LoRA adapters; the trainable state is the
 # LoRA params only (`nnx.split`). Every phase below is a pure function of these states.
 
 # %%
 mesh = sharding.make_mesh(config.mesh)
 rules = sharding.resolve_rules(config.sharding_rules)
-batch_shards = batch_shard_count(mesh, rules)
-grpo_train.check_config(config, batch_shards)
+loop.check_config(config, sharding.batch_shard_count(mesh, rules))
 
-policy = policy_lib.load_policy(config, mesh, rules)
+policy = text_to_image.load_text_to_image(config, mesh, rules)
 graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
 count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
 print(f"{policy.source}: {count(trainable):,} LoRA params on {count(frozen):,} frozen ones")
 
 reward_fns = rewards_lib.make_rewards(config, mesh)
-prompts = grpo_train.prompt_source(config)
+prompts = loop.prompt_source(config)
 print("rewards:", list(reward_fns), "| trained on:", config.reward.train_on)
 
 # %% [markdown]
 # ## The jitted phases
 #
-# The rollout samples with the SDE and records latents and log-probs
-# (`steps.make_rollout` -> `diffusion.sde.sample_sde`); the train step recomputes the log-probs
-# of the trained timesteps with the current LoRA and applies the clipped GRPO objective + KL
-# (`steps.make_train_step` -> `rl.grpo.grpo_loss`).
+# `rl.loop.jit_phases` jits what the job runs, with explicit shardings: the rollout samples
+# with the SDE and records latents and log-probs (`steps.make_rollout` ->
+# `diffusion.sde.sample_sde`); the train step recomputes the log-probs of the trained timesteps
+# with the current LoRA and applies the clipped GRPO objective + KL (`steps.make_train_step` ->
+# `rl.grpo.grpo_loss`).
 
 # %%
-schedule = FlowMatchSchedule()
-sigmas = jnp.asarray(schedule.sigmas(config.sampling.num_steps, policy.geo.image_seq_len))
-timesteps = steps_lib.trained_timesteps(config, config.sampling.num_steps)
 tx = steps_lib.make_optimizer(config)
 with sharding.use_mesh(mesh, rules):
   opt_state = jax.jit(tx.init)(trainable)
-p_rollout = jax.jit(steps_lib.make_rollout(graphdef, policy, sigmas, config))
-p_train = jax.jit(
-  steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config),
-  donate_argnums=(0, 1),
-  out_shardings=(sharding.state_shardings(trainable, mesh, rules), None, None),
-)
-decode_chunk = -(-config.reward.batch_size // batch_shards) * batch_shards
+phases = loop.jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
 rng = jax.random.key(config.seed)
-print("sigmas", np.round(np.asarray(sigmas), 3), "| trained timesteps", timesteps)
-
-
-def put(x, batch_axis=0):
-  """Places a batch on the mesh, split along its batch axis (as the job does)."""
-  names = [None] * np.ndim(x)
-  names[batch_axis] = "act_batch"
-  return jax.device_put(x, sharding.named_sharding(mesh, tuple(names), rules))
+print("sigmas", np.round(np.asarray(phases.sigmas), 3), "| trained timesteps", phases.timesteps)
 
 
 # %% [markdown]
 # ## The phases of one step
 #
-# Each function is one phase of the job's loop (`rl/train.py`), in order.
+# Each function is one phase of the job's loop (`jobs/grpo.py` calls the same `rl.loop`
+# functions), in order.
 
 
 # %%
 def rollout_phase(step):
   """Prompts -> G SDE samples per prompt (no gradients) -> decoded uint8 images."""
-  step_prompts = prompts.train(step, P)
-  group_prompts = [p for p in step_prompts for _ in range(G)]  # Each prompt's G adjacent.
-  prompt_embeds, pooled = (put(jnp.repeat(x, G, axis=0)) for x in policy.encode(step_prompts))
-  traj = p_rollout(trainable, frozen, prompt_embeds, pooled, jax.random.fold_in(rng, step))
-  images = np.concatenate(
-    [
-      generator_lib.unit_to_uint8(policy.decode(traj.latents[-1][i : i + decode_chunk]))
-      for i in range(0, P * G, decode_chunk)
-    ]
-  )
-  return dict(
-    prompts=step_prompts,
-    group_prompts=group_prompts,
-    prompt_embeds=prompt_embeds,
-    pooled=pooled,
-    traj=traj,
-    images=images,
-  )
+  key = jax.random.fold_in(rng, step)
+  return loop.rollout(phases, policy, trainable, frozen, prompts.train(step, P), key)
 
 
 def reward_phase(roll):
   """Every reward on the decoded images; top-k group advantages of the trained one."""
-  rewards = {name: fn(roll["images"], roll["group_prompts"]) for name, fn in reward_fns.items()}
-  reward = jnp.asarray(rewards[config.reward.train_on]).reshape(P, G)
-  advantages, mask = advantages_lib.topk_group_advantages(
-    reward, g.topk, stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
-  )
-  return dict(rewards=rewards, reward=reward, advantages=advantages, mask=mask)
+  return loop.score(roll, reward_fns, config)
 
 
 def train_phase(step, roll, scored):
   """Optimizer updates on the kept samples, in `train.num_minibatches` minibatches."""
   global trainable, opt_state
-  traj = roll["traj"]
-  kept = np.flatnonzero(np.asarray(scored["mask"]).reshape(-1))
-  order = np.random.default_rng((config.seed, step)).permutation(kept)
-  step_metrics = []
-  for idx in np.array_split(order, t.num_minibatches):
-    batch = dict(
-      latents=put(traj.latents[:, idx], batch_axis=1),
-      log_probs=put(traj.log_probs[:, idx], batch_axis=1),
-      advantages=put(np.asarray(scored["advantages"]).reshape(-1)[idx]),
-      mask=put(np.ones(len(idx), bool)),
-      prompt_embeds=put(roll["prompt_embeds"][idx]),
-      pooled=put(roll["pooled"][idx]),
-    )
-    trainable, opt_state, aux = p_train(trainable, opt_state, frozen, batch)
-    step_metrics.append(aux)
-  aux = grpo_train._merge_minibatches(jax.device_get(step_metrics))
-  scalars = {f"train/{k}": float(v) for k, v in aux.items()}
-  scalars.update(
-    {f"train/reward_{k}": float(np.mean(v)) for k, v in scored["rewards"].items()},
-  )
-  kept_stats = grpo_lib.reward_metrics(scored["reward"].reshape(-1), scored["mask"].reshape(-1))
-  scalars.update({f"train/{k}": float(v) for k, v in kept_stats.items()})
-  scalars["train/kept_fraction"] = float(np.mean(scored["mask"]))  # Of the rollout.
-  group_std = np.asarray(scored["reward"]).std(axis=1)  # Tied groups teach nothing.
-  scalars["train/zero_std_ratio"] = float(np.mean(group_std == 0))
-  scalars["train/group_reward_std"] = float(np.mean(group_std))
-  return scalars
+  batches = loop.minibatches(phases, roll, scored, config, step)
+  trainable, opt_state, aux = loop.update(phases, trainable, opt_state, frozen, batches)
+  return loop.step_scalars(aux, scored)
 
 
 def gallery(roll, scored, title):
   """One row per prompt group: its G samples, reward and advantage; kept ones framed."""
-  reward = np.asarray(scored["reward"])
-  advantages, mask = np.asarray(scored["advantages"]), np.asarray(scored["mask"])
+  reward = np.asarray(scored.reward)
+  advantages, mask = np.asarray(scored.advantages), np.asarray(scored.mask)
   fig, axes = plt.subplots(P, G, figsize=(1.6 * G, 1.9 * P + 0.6), squeeze=False)
   for p in range(P):
     for j in range(G):
       axis = axes[p, j]
-      axis.imshow(roll["images"][p * G + j])
+      axis.imshow(roll.images[p * G + j])
       axis.set_xticks([])
       axis.set_yticks([])
       color = ("tab:green" if advantages[p, j] > 0 else "tab:red") if mask[p, j] else "0.8"
@@ -259,7 +193,7 @@ def gallery(roll, scored, title):
         spine.set_edgecolor(color)
         spine.set_linewidth(3 if mask[p, j] else 1)
       axis.set_title(f"r {reward[p, j]:.3f}\nA {advantages[p, j]:+.2f}", fontsize=7)
-    axes[p, 0].set_ylabel(roll["prompts"][p][:40], fontsize=6)
+    axes[p, 0].set_ylabel(roll.prompts[p][:40], fontsize=6)
   fig.suptitle(f"{title} (framed: kept top-k green / bottom-k red)", fontsize=9)
   fig.tight_layout()
   show(fig)
@@ -275,8 +209,8 @@ def gallery(roll, scored, title):
 step = 1
 with sharding.use_mesh(mesh, rules):
   roll = rollout_phase(step)
-traj = roll["traj"]
-print("prompts:", *roll["prompts"], sep="\n  ")
+traj = roll.trajectory
+print("prompts:", *roll.prompts, sep="\n  ")
 print("latents", traj.latents.shape, "| log_probs", traj.log_probs.shape)
 print("stochastic steps", np.asarray(traj.stochastic))
 print("log-probs of sample 0 per step", np.round(np.asarray(traj.log_probs[:, 0]), 1))
@@ -287,9 +221,9 @@ print("log-probs of sample 0 per step", np.round(np.asarray(traj.log_probs[:, 0]
 
 # %%
 scored = reward_phase(roll)
-for name, values in scored["rewards"].items():
+for name, values in scored.rewards.items():
   print(f"{name:>14}: mean {np.mean(values):.4f}, std {np.std(values):.4f}")
-print("advantages (P, G):\n", np.round(np.asarray(scored["advantages"]), 2))
+print("advantages (P, G):\n", np.round(np.asarray(scored.advantages), 2))
 gallery(roll, scored, "Rollout of step 1")
 
 # %% [markdown]

@@ -6,7 +6,7 @@ through the exact pixel codec (16x16x12 latents, 64 packed tokens of 48 features
 through tiny frozen random T5 / CLIP encoders. Every `gallery.every_steps` it samples held-out
 prompts with the Euler ODE sampler, writes `gallery/<step>.png` (samples above their reference
 renders) and the oracle's verdict on the samples. At the end, `<workdir>/final/` holds the
-generator for GRPO (`sft_job.load_generator`). Resumes from the workdir's latest checkpoint.
+generator for GRPO (`generator.load_generator`). Resumes from the workdir's latest checkpoint.
 
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py:smoke --workdir /tmp/f
@@ -118,7 +118,7 @@ def get_config(arg=None):
     # model also learns the unconditional velocity classifier-free guidance subtracts.
     prompt_dropout=0.1,
     # Loss weight of object pixels (palette colours) vs the background's 1: the prompt only
-    # says what the objects are (see sft_job.object_weights). 8 draws the objects as large
+    # says what the objects are (see flow_matching.object_weights). 8 draws the objects as large
     # blobs; 3 draws smaller ones, closer to the renders.
     object_weight=3.0,
   )

@@ -2,7 +2,7 @@ r"""Memory and FLOPs of full-size steps on a simulated mesh, without any weights
 
 Each row lowers and compiles the real jitted step of an experiment config (with the row's mesh,
 remat and overrides) on fake CPU devices, from abstract parameters, and reports XLA's per-device
-memory and the step's FLOPs; see `spatial_jax/plan.py`. Plans (the arg):
+memory and the step's FLOPs; see `spatial_jax/jobs/plan.py`. Plans (the arg):
 
   reward_7b      SpatialScore training, Qwen2.5-VL-7B + LoRA 64, 32 pairs of 448x448 (paper)
   flux_dev_grpo  FLUX.1-dev + LoRA 32 GRPO: rollout and train step at 512 and 1024

@@ -103,7 +103,7 @@ TINY_GENERATOR = dict(
 
 
 def flux_model(**overrides: Any) -> dict[str, Any]:
-  """The `config.model` section of jobs that load a text-to-image policy (`rl.policy`):
+  """The `config.model` section of jobs that load a text-to-image policy (`diffusion.text_to_image`):
   `pipeline` (a diffusers FLUX folder) or `generator` (a synthetic generator folder); neither:
   the random tiny generator `tiny` (smoke runs). `overrides` replace or add fields."""
   import copy

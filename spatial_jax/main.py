@@ -52,7 +52,7 @@ def main(argv):
   from spatial_jax import metrics, registry
 
   if _CONFIG.value.job == "plan":  # Its fake CPU devices must exist before the backend starts.
-    from spatial_jax import plan
+    from spatial_jax.jobs import plan
 
     plan.configure_devices(_CONFIG.value)
   reason = multiprocess_reason()

@@ -12,13 +12,14 @@ tmp file then `os.replace`), so a reader or a crash never sees half a file.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import jax
@@ -323,3 +324,59 @@ def write_config_json(
   if jax.process_index() == 0:
     fileio.write_atomic(path, text.encode())
   return path
+
+
+class History:
+  """Metric values by step, kept in `history.json` so a resumed run extends its curve (every
+  trainer keeps one)."""
+
+  FILE = "history.json"
+
+  def __init__(self, rows: dict[str, list[tuple[int, float]]] | None = None):
+    self.rows = collections.defaultdict(list, rows or {})
+
+  @classmethod
+  def load(cls, workdir: str) -> History:
+    path = os.path.join(workdir, cls.FILE)
+    if not os.path.exists(path):
+      return cls()
+    with open(path) as f:
+      return cls({k: [tuple(x) for x in v] for k, v in json.load(f).items()})
+
+  def add(self, step: int, values: Mapping[str, float]) -> None:
+    for name, value in values.items():
+      series = self.rows[name]
+      while series and series[-1][0] >= step:  # A resumed run overwrites what it redoes.
+        series.pop()
+      series.append((int(step), float(value)))
+
+  def save(self, workdir: str) -> None:
+    write_summary(workdir, dict(self.rows), name=self.FILE)
+
+  def plot(
+    self,
+    path: str,
+    panels: Sequence[tuple[str, Sequence[str]]],
+    ylim: Mapping[str, tuple[float, float]] | None = None,
+  ) -> None:
+    """One panel per (title, series names) against the step, as a PNG; `eval/` series (sparse)
+    with markers. `ylim` fixes a panel's range by its title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for axis, (title, names) in zip(axes[0], panels, strict=True):
+      for name in names:
+        if self.rows.get(name):
+          steps, values = zip(*self.rows[name], strict=True)
+          axis.plot(steps, values, label=name, marker="o" if name.startswith("eval") else None)
+      axis.set_xlabel("step")
+      axis.set_title(title)
+      if ylim and title in ylim:
+        axis.set_ylim(*ylim[title])
+      axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

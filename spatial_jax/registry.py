@@ -14,16 +14,16 @@ Job = Callable[[Any, str], Any]
 
 # name -> "module:function". Later stages add their jobs here.
 JOBS: dict[str, str] = {
-  "data_synthetic": "spatial_jax.data.synthetic_job:run",
-  "reward_train": "spatial_jax.reward.train:run",
-  "reward_eval": "spatial_jax.reward.evaluate_job:run",
-  "text_encoder_synthetic": "spatial_jax.diffusion.text_encoder_job:run",
-  "flux_sft": "spatial_jax.diffusion.sft_job:run",
-  "grpo": "spatial_jax.rl.train:run",
-  "sample": "spatial_jax.diffusion.sample_job:run",
-  "quickstart": "spatial_jax.quickstart:run",
-  "pairs_generate": "spatial_jax.data.pairs_generate:run",
-  "plan": "spatial_jax.plan:run",
+  "data_synthetic": "spatial_jax.jobs.data_synthetic:run",
+  "reward_train": "spatial_jax.jobs.reward_train:run",
+  "reward_eval": "spatial_jax.jobs.reward_eval:run",
+  "text_encoder_synthetic": "spatial_jax.jobs.text_encoder_synthetic:run",
+  "flux_sft": "spatial_jax.jobs.flux_sft:run",
+  "grpo": "spatial_jax.jobs.grpo:run",
+  "sample": "spatial_jax.jobs.sample:run",
+  "quickstart": "spatial_jax.jobs.quickstart:run",
+  "pairs_generate": "spatial_jax.jobs.pairs_generate:run",
+  "plan": "spatial_jax.jobs.plan:run",
 }
 
 

@@ -360,3 +360,10 @@ def to_host(x: jax.Array) -> np.ndarray:
   from jax.experimental import multihost_utils
 
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def batch_shard_count(mesh: jax.sharding.Mesh, rules: Rules) -> int:
+  """How many ways the batch dimension is split (`act_batch`'s mesh axes)."""
+  spec = logical_to_spec(("act_batch",), rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in axes]))

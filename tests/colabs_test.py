@@ -34,9 +34,9 @@ print("PROBE_JSON:" + json.dumps(dict(
   "02_grpo": """
 import json
 print("PROBE_JSON:" + json.dumps(dict(
-  history=history, num_images=len(roll["images"]), image_shape=list(roll["images"].shape),
-  rewards={k: np.asarray(v).tolist() for k, v in scored["rewards"].items()},
-  mask=np.asarray(scored["mask"]).tolist(), P=P, G=G, steps=t.steps, smoke=SMOKE,
+  history=history, num_images=len(roll.images), image_shape=list(roll.images.shape),
+  rewards={k: np.asarray(v).tolist() for k, v in scored.rewards.items()},
+  mask=np.asarray(scored.mask).tolist(), P=P, G=G, steps=t.steps, smoke=SMOKE,
 )))
 """,
 }

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from spatial_jax.configs_lib import load_config
-from spatial_jax.data import synthetic_job
+from spatial_jax.jobs import data_synthetic
 
 pytestmark = pytest.mark.slow  # End to end: two processes through jax.distributed.
 
@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
   pairs = str(out / "pairs")
   data = load_config("configs/reward_synthetic.py", "smoke").data.synthetic
   data.seed = 0
-  synthetic_job.run(data, pairs)
+  data_synthetic.run(data, pairs)
   base = [sys.executable, WORKER, "--out", str(out), "--pairs", pairs]
   port = _free_port()
   commands = {

@@ -10,7 +10,7 @@ batches:
 
 - reward: 2 train steps on 4 pairs per step. Each of the two processes loads ITS shard of the
   pairs (2 per step, the loader's `shard_index`) and the global batch is assembled with
-  `reward.train.global_pair_inputs`; the reference loads both shards and concatenates them.
+  `reward.build.global_pair_inputs`; the reference loads both shards and concatenates them.
 - GRPO: the rollout of 2 prompts x 8 samples and one train step. Each process passes its rows
   (one prompt's group) of the prompt embeddings and of the advantages; the global batch is
   assembled with `sharding.process_local_to_global`.
@@ -54,7 +54,8 @@ def reward_steps(pairs_dir: str) -> dict[str, np.ndarray]:
   from spatial_jax import sharding
   from spatial_jax.configs_lib import load_config
   from spatial_jax.data import loader
-  from spatial_jax.reward import build, train
+  from spatial_jax.reward import build
+  from spatial_jax.reward import step as reward_step
   from spatial_jax.reward.model import trainable_filter
 
   config = load_config("configs/reward_synthetic.py", "smoke")
@@ -62,10 +63,10 @@ def reward_steps(pairs_dir: str) -> dict[str, np.ndarray]:
   mesh, rules = sharding.make_mesh(MESH), sharding.resolve_rules(None)
   built = build.build(config, None, mesh, rules)
   graphdef, trainable, frozen = nnx.split(built.model, trainable_filter("all"), ...)
-  tx = train.make_optimizer(config)
+  tx = reward_step.make_optimizer(config)
   replicated = sharding.named_sharding(mesh, (), rules)
   step = jax.jit(
-    train.make_train_step(graphdef, tx, config, jax.random.key(0)),
+    reward_step.make_train_step(graphdef, tx, config, jax.random.key(0)),
     donate_argnums=(0, 1),
     out_shardings=(sharding.state_shardings(trainable, mesh, rules), None, replicated),
   )
@@ -85,7 +86,7 @@ def reward_steps(pairs_dir: str) -> dict[str, np.ndarray]:
     for i in (1, 2):
       parts = [next(it) for it in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      inputs = train.global_pair_inputs(built.preparer, batch, mesh, rules)
+      inputs = build.global_pair_inputs(built.preparer, batch, mesh, rules)
       assert inputs.input_ids.shape[0] == 8 and inputs.input_ids.sharding.spec[0] == (
         "data",
         "fsdp",
@@ -101,13 +102,13 @@ def grpo_step() -> dict[str, np.ndarray]:
 
   from spatial_jax import sharding
   from spatial_jax.configs_lib import load_config
+  from spatial_jax.diffusion import text_to_image
   from spatial_jax.diffusion.schedule import FlowMatchSchedule
-  from spatial_jax.rl import policy as policy_lib
   from spatial_jax.rl import steps
 
   config = load_config("configs/grpo_synthetic.py", "smoke")
   mesh, rules = sharding.make_mesh(MESH), sharding.resolve_rules(None)
-  policy = policy_lib.load_policy(config, mesh, rules)
+  policy = text_to_image.load_text_to_image(config, mesh, rules)
   graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
   n = config.sampling.num_steps
   sigmas = jnp.asarray(FlowMatchSchedule().sigmas(n, policy.geo.image_seq_len))

@@ -3,7 +3,7 @@
 FLUX.1-dev follows spatial relations partly because T5-XXL was pretrained on language; a
 random frozen T5 cannot bind a colour word to the relation that places it. The synthetic
 world's equivalent is a tiny T5 trained on the grammar so that each object's intended position
-is linearly readable from its words' features (`text_encoder_job` runs the training).
+is linearly readable from its words' features (`jobs/text_encoder_synthetic.py` runs the training).
 
 The objective is a *parse head*, dropped after training. Objects of a scene have distinct
 colours, so each colour word of a prompt names one object. Per object and axis the layout
@@ -253,12 +253,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ml
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    aux["grad_norm"] = optax.tree.norm(grads)
-    aux["finite"] = (
-      jnp.isfinite(loss) & jnp.isfinite(aux["grad_norm"]) & jnp.isfinite(optax.tree.norm(params))
-    )
+    params, opt_state, checks = optim.apply_gradients(tx, grads, opt_state, params, loss)
+    aux.update(checks)
     return params, opt_state, aux
 
   return train_step

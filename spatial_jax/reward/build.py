@@ -1,4 +1,5 @@
-"""Builds a SpatialScore model, tokenizer and batch preparer from a job config.
+"""Builds a SpatialScore model, tokenizer and batch preparer from a job config, and the train
+step's batches from the loader's pairs (`pair_inputs`, `host_pair_batch`, `global_pair_inputs`).
 
 One function for training, evaluation and `SpatialScore.load`, so a model is rebuilt
 exactly as it was trained. Two worlds (DESIGN.md §2):
@@ -17,15 +18,23 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import transformers
 from absl import logging
-from flax import nnx
+from flax import nnx, struct
 
 from spatial_jax import lora, sharding
 from spatial_jax.data import tokenizer as synthetic_tokenizer
-from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, Qwen25VLConfig, Qwen25VLModel
+from spatial_jax.models.qwen25vl import (
+  DEFAULT_LORA_TARGETS,
+  ModelInputs,
+  Qwen25VLConfig,
+  Qwen25VLModel,
+  vision,
+)
 from spatial_jax.models.qwen25vl import params as qwen_params
 from spatial_jax.models.qwen25vl import processor as qwen_processor
+from spatial_jax.reward import grounding
 from spatial_jax.reward.model import (
   QWEN_INSTRUCTION,
   REWARD_TOKEN,
@@ -151,3 +160,115 @@ def build(config: Any, workdir: str | None, mesh: jax.sharding.Mesh, rules: Any)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logging.info("SpatialScore: %s backbone, %.2fM params", config.model.preset, params / 1e6)
   return Built(model, tok, preparer, bconfig, targets if use_lora else [])
+
+
+# --- Train batches -------------------------------------------------------------------------------
+
+
+def _pair_rows(batch: dict[str, np.ndarray], perturbed: bool) -> tuple[list, list[str]]:
+  """(images, prompts) of the rows, each pair's rows together (see `pair_inputs`)."""
+  images, prompts = [], []
+  for i, (chosen, rejected) in enumerate(zip(batch["chosen"], batch["rejected"], strict=True)):
+    texts = (
+      (batch["prompt"][i], batch["perturbed_prompt"][i]) if perturbed else (batch["prompt"][i],)
+    )
+    for text in texts:
+      images += [chosen, rejected]
+      prompts += [text, text]
+  return images, prompts
+
+
+def pair_inputs(preparer, batch: dict[str, np.ndarray], *, perturbed: bool = False) -> ModelInputs:
+  """One batch of sequences, each pair's rows together: chosen_0, rejected_0, chosen_1, ...
+
+  Pairs together (not all chosen, then all rejected) so that any contiguous block of rows holds
+  whole pairs: each process's slice of a global batch is then its own loader batch. With
+  `perturbed`, each pair adds its two images under the perturbed prompt, four rows per pair:
+  (chosen, prompt), (rejected, prompt), (chosen, perturbed), (rejected, perturbed).
+  """
+  return preparer(*_pair_rows(batch, perturbed))
+
+
+@struct.dataclass
+class PairBatch:
+  """What the train step reads: the sequences and, optionally, colour-grounding targets."""
+
+  inputs: ModelInputs
+  centroids: jax.Array | None = None  # (rows, colours, 2): reward.grounding.colour_centroids
+  present: jax.Array | None = None  # (rows, colours)
+  rows_per_pair: int = struct.field(pytree_node=False, default=2)  # 2, or 4 with `perturbed`
+
+
+def rows_per_pair(config: Any) -> int:
+  """Sequences per pair in a train batch: 2, or 4 with `config.train.perturbed_pairs`."""
+  return 4 if config.train.get("perturbed_pairs", False) else 2
+
+
+def host_pair_batch(preparer, batch: dict[str, np.ndarray], config: Any) -> PairBatch:
+  """The loader's pairs -> a host `PairBatch` as `config.train` asks (perturbed, grounding)."""
+  rows = rows_per_pair(config)
+  perturbed = rows == 4
+  images, prompts = _pair_rows(batch, perturbed)
+  inputs = preparer(images, prompts)
+  centroids = present = None
+  if config.train.get("grounding_weight", 0.0) > 0:
+    centroids, present = grounding.colour_centroids(np.stack(images))
+  return PairBatch(inputs, centroids, present, rows_per_pair=rows)
+
+
+def input_shardings(inputs: ModelInputs, mesh, rules) -> ModelInputs:
+  """Sequences (and their image patches) split over `act_batch`; vision indices replicated."""
+  batch = lambda ndim, axis=0: sharding.named_sharding(  # noqa: E731
+    mesh, tuple("act_batch" if i == axis else None for i in range(ndim)), rules
+  )
+  replicated = sharding.named_sharding(mesh, (), rules)
+  return ModelInputs(
+    input_ids=batch(2),
+    attention_mask=batch(2),
+    position_ids=batch(3, axis=1),
+    pixel_values=None if inputs.pixel_values is None else batch(2),
+    vision_meta=jax.tree.map(lambda _: replicated, inputs.vision_meta),
+  )
+
+
+def global_pair_inputs(
+  preparer, batch: dict[str, np.ndarray], mesh, rules, config: Any = None
+) -> PairBatch | ModelInputs:
+  """This process's loader batch -> the sharded global batch of the train step.
+
+  Without `config`, the plain two-rows-per-pair `ModelInputs`; with it, the `PairBatch` that
+  `config.train` asks for (`host_pair_batch`). With one process: placed on the mesh. With
+  several, each process prepares its own pairs; the global batch is their concatenation in
+  `sharding.process_batch_shard` order (`make_array_from_process_local_data`). The vision
+  metadata indexes the patches of the whole batch, so it is rebuilt for the global image count
+  (every image has the same size: the loader resizes them all).
+  """
+  host = host_pair_batch(preparer, batch, config) if config is not None else None
+  inputs = host.inputs if host else pair_inputs(preparer, batch)
+  shardings = input_shardings(inputs, mesh, rules)
+  rows = lambda ndim: sharding.named_sharding(  # noqa: E731
+    mesh, ("act_batch",) + (None,) * (ndim - 1), rules
+  )
+  targets = None if host is None else (host.centroids, host.present)
+  target_shardings = jax.tree.map(lambda x: rows(np.ndim(x)), targets)
+  if jax.process_count() == 1:
+    inputs = jax.device_put(inputs, shardings)
+    if host is None:
+      return inputs
+    centroids, present = jax.device_put(targets, target_shardings)
+    return PairBatch(inputs, centroids, present, rows_per_pair=host.rows_per_pair)
+  _, shards = sharding.process_batch_shard(mesh, rules)
+  meta = None
+  if inputs.pixel_values is not None:
+    grid = np.asarray(preparer.image_processor([batch["chosen"][0]])["image_grid_thw"])
+    num_images = inputs.input_ids.shape[0] * shards
+    meta = vision.vision_metadata(
+      np.tile(grid.reshape(1, 3), (num_images, 1)), preparer.config.vision
+    )
+  local = dataclasses.replace(inputs, vision_meta=None)
+  out = sharding.process_local_to_global(local, dataclasses.replace(shardings, vision_meta=None))
+  out = dataclasses.replace(out, vision_meta=jax.device_put(meta, shardings.vision_meta))
+  if host is None:
+    return out
+  centroids, present = sharding.process_local_to_global(targets, target_shardings)
+  return PairBatch(out, centroids, present, rows_per_pair=host.rows_per_pair)

@@ -1,4 +1,4 @@
-"""Pairwise evaluation of a reward model, its metrics, and the training history.
+"""Pairwise evaluation of a reward model and its metrics.
 
 Metrics on a pairs folder: accuracy overall, per relation type (`source.change_type`
 when the pairs carry it), short (one relation) vs long prompts, the mean mu margin,
@@ -8,9 +8,7 @@ model is more often right where it is more certain).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,54 +157,3 @@ def evaluate(
     relation_type=[p.relation_type for p in eval_pairs],
     long_prompt=np.array([p.long_prompt for p in eval_pairs]),
   )
-
-
-class History:
-  """Metric values by step, kept in `history.json` so a resumed run extends its curve."""
-
-  FILE = "history.json"
-
-  def __init__(self, rows: dict[str, list[tuple[int, float]]] | None = None):
-    self.rows = collections.defaultdict(list, rows or {})
-
-  @classmethod
-  def load(cls, workdir: str) -> History:
-    path = os.path.join(workdir, cls.FILE)
-    if not os.path.exists(path):
-      return cls()
-    with open(path) as f:
-      return cls({k: [tuple(x) for x in v] for k, v in json.load(f).items()})
-
-  def add(self, step: int, values: dict[str, float]) -> None:
-    for name, value in values.items():
-      series = self.rows[name]
-      while series and series[-1][0] >= step:  # A resumed run overwrites what it redoes.
-        series.pop()
-      series.append((int(step), float(value)))
-
-  def save(self, workdir: str) -> None:
-    from spatial_jax import metrics
-
-    metrics.write_summary(workdir, dict(self.rows), name=self.FILE)
-
-  def plot(self, path: str) -> None:
-    """Training loss and held-out accuracy against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, axis in (("train/loss", left), ("train/accuracy", right), ("eval/accuracy", right)):
-      if self.rows.get(name):
-        steps, values = zip(*self.rows[name], strict=True)
-        axis.plot(steps, values, label=name, marker="o" if name.startswith("eval") else None)
-    left.set_xlabel("step")
-    left.set_title("loss")
-    right.set_xlabel("step")
-    right.set_title("pairwise accuracy")
-    right.set_ylim(0.0, 1.0)
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

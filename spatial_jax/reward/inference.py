@@ -43,8 +43,8 @@ from spatial_jax.data import pairs
 from spatial_jax.models.qwen25vl import ModelInputs
 from spatial_jax.models.qwen25vl import params as qwen_params
 from spatial_jax.reward import build, evaluate
+from spatial_jax.reward.build import input_shardings
 from spatial_jax.reward.model import REWARD_TOKEN, trainable_filter
-from spatial_jax.reward.train import input_shardings
 
 EXPORT_CONFIG = "spatial_score.json"
 HEAD_FILE = "head.safetensors"

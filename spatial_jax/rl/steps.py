@@ -1,4 +1,4 @@
-"""The pure, jitted phases of a GRPO step: rollout, evaluation sampling, and training.
+"""The pure, jitted phases of a GRPO step: rollout and training.
 
 Rollout (no gradients): P prompts x G samples from distinct noise, Flow-GRPO's SDE sampler on the
 FLUX schedule (`sde.sample_sde`, one `lax.scan`), recording the latents at every step and the
@@ -23,26 +23,25 @@ import optax
 from flax import nnx
 
 from spatial_jax import lora
-from spatial_jax.diffusion.sampler import sample_ode
 from spatial_jax.diffusion.sde import SDETrajectory, sample_sde, sde_step_with_logprob
+from spatial_jax.diffusion.text_to_image import TextToImage
 from spatial_jax.rl.grpo import grpo_loss
-from spatial_jax.rl.policy import Policy
 
 # Metrics reduced over timesteps by min / max instead of the mean.
-_MIN_METRICS = ("ratio_min",)
-_MAX_METRICS = ("ratio_max",)
+MIN_METRICS = ("ratio_min",)
+MAX_METRICS = ("ratio_max",)
 
 
 def _combine(name: str, total: jax.Array, value: jax.Array) -> jax.Array:
   """Accumulates a metric over timesteps: min / max for the ratio extremes, else the sum."""
-  if name in _MIN_METRICS:
+  if name in MIN_METRICS:
     return jnp.minimum(total, value)
-  if name in _MAX_METRICS:
+  if name in MAX_METRICS:
     return jnp.maximum(total, value)
   return total + value
 
 
-def make_rollout(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array, config: Any):
+def make_rollout(graphdef: nnx.GraphDef, policy: TextToImage, sigmas: jax.Array, config: Any):
   """(trainable, frozen, prompt_embeds, pooled, key) -> SDETrajectory of B = len(prompt_embeds)."""
   g = config.grpo
 
@@ -69,18 +68,6 @@ def initial_noise(key: jax.Array, batch: int, latent_shape: tuple[int, ...], con
     raise ValueError(f"A rollout of {batch} samples is not whole groups of {g.group_size}.")
   x = jax.random.normal(key, (batch // g.group_size, *latent_shape), jnp.float32)
   return jnp.repeat(x, g.group_size, axis=0)
-
-
-def make_eval_sampler(graphdef: nnx.GraphDef, policy: Policy, sigmas: jax.Array):
-  """(trainable, frozen, prompt_embeds, pooled, noise) -> packed latents of the deterministic
-  (ODE) samples evaluation and galleries use; `policy.decode` them (outside the jit)."""
-
-  def sample(trainable, frozen, prompt_embeds, pooled, noise):
-    model = nnx.merge(graphdef, trainable, frozen)
-    velocity = policy.velocity(model, prompt_embeds, pooled)
-    return sample_ode(velocity, noise, sigmas)
-
-  return sample
 
 
 def sde_window(config: Any, num_steps: int) -> tuple[int, int]:
@@ -120,7 +107,7 @@ def trained_timesteps(config: Any, num_steps: int) -> tuple[int, ...]:
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
-  policy: Policy,
+  policy: TextToImage,
   sigmas: jax.Array,
   timesteps: Sequence[int],
   config: Any,
@@ -184,14 +171,14 @@ def make_train_step(
 
     (_, shapes), _ = jax.eval_shape(lambda: grad_fn(trainable, frozen, batch, js[0]))
     init_totals = {
-      k: jnp.full((), jnp.inf if k in _MIN_METRICS else -jnp.inf if k in _MAX_METRICS else 0.0)
+      k: jnp.full((), jnp.inf if k in MIN_METRICS else -jnp.inf if k in MAX_METRICS else 0.0)
       for k in (*shapes, "loss")
     }
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, totals), _ = jax.lax.scan(body, (zeros, init_totals), js)
     n = len(timesteps)
     grads = jax.tree.map(lambda x: x / n, grads)
-    metrics = {k: v if k in (*_MIN_METRICS, *_MAX_METRICS) else v / n for k, v in totals.items()}
+    metrics = {k: v if k in (*MIN_METRICS, *MAX_METRICS) else v / n for k, v in totals.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -203,7 +190,7 @@ def make_train_step(
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW at a constant learning rate (Flow-GRPO's), global-norm clipping, optional EMA."""
-  from spatial_jax.diffusion.sft_job import params_ema
+  from spatial_jax.optim import params_ema
 
   t = config.train
   parts = [

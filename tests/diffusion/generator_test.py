@@ -9,8 +9,8 @@ from flax import nnx
 
 from spatial_jax import sharding
 from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import build, flow_matching
 from spatial_jax.diffusion import generator as generator_lib
-from spatial_jax.diffusion import sft_job
 
 PROMPTS = ["a red circle left of a blue square", "a green star above a yellow triangle"]
 
@@ -21,9 +21,9 @@ def parts():
   config.model.zero_init = False  # A velocity that depends on its inputs from the start.
   mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
   rules = sharding.resolve_rules(None)
-  codec = sft_job.build_codec(config)
-  encoder = sft_job.build_prompt_encoder(config)
-  model = sft_job.build_model(config, codec, encoder, mesh, rules)
+  codec = build.build_codec(config)
+  encoder = build.build_prompt_encoder(config)
+  model = build.build_model(config, codec, encoder, mesh, rules)
   geo = generator_lib.geometry(32, codec, config.text.max_length)
   return config, model, codec, encoder, geo
 
@@ -60,7 +60,7 @@ def test_prompt_dropout_one_trains_on_the_empty_prompt(parts):
     ("kept", 0.0, encoder(PROMPTS)),
   ):
     config.train.prompt_dropout = dropout
-    step = jax.jit(sft_job.make_train_step(graphdef, tx, config, codec, geo, negative))
+    step = jax.jit(flow_matching.make_train_step(graphdef, tx, config, codec, geo, negative))
     batch = dict(images=images, prompt_embeds=embeds[0], pooled=embeds[1])
     _, _, aux = step(params, tx.init(params), rest, batch, jax.random.key(2))
     losses[name] = float(aux["loss"])
@@ -69,7 +69,7 @@ def test_prompt_dropout_one_trains_on_the_empty_prompt(parts):
   assert losses["kept"] != pytest.approx(losses["empty"], rel=1e-4)
   config.train.prompt_dropout = 0.5
   with pytest.raises(ValueError, match="prompt_dropout"):
-    sft_job.make_train_step(graphdef, tx, config, codec, geo, None)
+    flow_matching.make_train_step(graphdef, tx, config, codec, geo, None)
 
 
 def test_object_weights_mark_palette_pixels_and_weight_the_loss():
@@ -77,7 +77,7 @@ def test_object_weights_mark_palette_pixels_and_weight_the_loss():
 
   scene = scenes.parse_prompt("a red circle left of a blue square")
   image = render.render_scene(scene, size=32, seed=0)
-  weights = sft_job.object_weights(image[None], 8.0)
+  weights = flow_matching.object_weights(image[None], 8.0)
   assert weights.shape == (1, 32, 32, 1) and set(np.unique(weights)) == {1.0, 8.0}
   share = float((weights == 8.0).mean())
   assert 0.005 < share < 0.2  # Two small objects on a large background.
@@ -92,5 +92,5 @@ def test_object_weights_mark_palette_pixels_and_weight_the_loss():
 
   x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
   err = (0.5 * x_t - (noise - x0)) ** 2
-  loss = sft_job.flow_matching_loss(velocity, x0, noise, t, jnp.asarray(w))
+  loss = flow_matching.flow_matching_loss(velocity, x0, noise, t, jnp.asarray(w))
   np.testing.assert_allclose(loss, (w * err).sum() / w.sum(), rtol=1e-5)

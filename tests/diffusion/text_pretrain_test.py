@@ -151,9 +151,9 @@ def test_train_step_learns_a_fixed_batch():
 @pytest.mark.parametrize("bad", [dict(mlm_weight=-1.0), dict(mlm_rate=0.0)])
 def test_bad_train_config_is_named(bad, tmp_path):
   from spatial_jax.configs_lib import load_config
-  from spatial_jax.diffusion import text_encoder_job
+  from spatial_jax.jobs import text_encoder_synthetic
 
   config = load_config("configs/text_encoder_synthetic.py", "smoke")
   config.train.update(bad)
   with pytest.raises(ValueError, match=f"config.train.{next(iter(bad))}"):
-    text_encoder_job.run(config, str(tmp_path))
+    text_encoder_synthetic.run(config, str(tmp_path))

@@ -10,7 +10,8 @@ import pytest
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import scenes
 from spatial_jax.data import tokenizer as tok_lib
-from spatial_jax.reward import grounding, train
+from spatial_jax.reward import build, grounding
+from spatial_jax.reward import step as reward_step
 
 
 def test_colour_centroids_of_hand_drawn_squares():
@@ -83,11 +84,11 @@ def test_four_rows_per_pair_loss_matches_numpy():
   config.train.text_contrast_weight = 0.5
   mu = np.random.default_rng(1).normal(size=12).astype(np.float32)  # 3 pairs x 4 rows
   rows = mu.reshape(3, 4).T  # (C,P), (R,P), (C,P'), (R,P')
-  inputs = train.ModelInputs(
+  inputs = build.ModelInputs(
     input_ids=jnp.zeros((12, 1), jnp.int32), attention_mask=None, position_ids=None
   )
-  batch = train.PairBatch(inputs, rows_per_pair=4)
-  loss, aux = train.loss_fn(
+  batch = build.PairBatch(inputs, rows_per_pair=4)
+  loss, aux = reward_step.loss_fn(
     _FixedScores(jnp.asarray(mu), jnp.ones(12)), batch, jax.random.key(0), config
   )
   main, mirror = _bt(rows[0], rows[1]), _bt(rows[3], rows[2])
@@ -96,7 +97,7 @@ def test_four_rows_per_pair_loss_matches_numpy():
   np.testing.assert_allclose(aux["preference_loss"], main, rtol=1e-5)
   np.testing.assert_allclose(aux["accuracy"], np.mean(rows[0] > rows[1]))
   # Two rows per pair: the plain loss on consecutive rows.
-  loss2, _ = train.loss_fn(
+  loss2, _ = reward_step.loss_fn(
     _FixedScores(jnp.asarray(mu), jnp.ones(12)), batch.inputs, jax.random.key(0), config
   )
   np.testing.assert_allclose(loss2, _bt(mu[0::2], mu[1::2]), rtol=1e-5)
@@ -113,11 +114,11 @@ def test_four_row_batches_pair_each_image_with_its_centroids():
   batch = dict(chosen=chosen, rejected=rejected, prompt=["p0", "p1"], perturbed_prompt=["q0", "q1"])
 
   def preparer(images, prompts):  # Records the rows instead of tokenising them.
-    return train.ModelInputs(
+    return build.ModelInputs(
       input_ids=(np.stack(images), prompts), attention_mask=None, position_ids=None
     )
 
-  host = train.host_pair_batch(preparer, batch, config)
+  host = build.host_pair_batch(preparer, batch, config)
   images, prompts = host.inputs.input_ids
   assert host.rows_per_pair == 4
   assert prompts == ["p0", "p0", "q0", "q0", "p1", "p1", "q1", "q1"]

@@ -15,7 +15,8 @@ from PIL import Image
 from spatial_jax import checkpoint, lora, metrics, sharding
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import pairs
-from spatial_jax.reward import build, evaluate, inference, train
+from spatial_jax.jobs import reward_train
+from spatial_jax.reward import build, evaluate, inference
 from spatial_jax.reward.inference import SpatialScore
 
 pytestmark = pytest.mark.slow  # End to end: built on a reward_train run.
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reward"))
   config = _smoke_config()
   metrics.write_config_json(workdir, config)
-  summary = train.run(config, workdir)
+  summary = reward_train.run(config, workdir)
   return workdir, config, summary
 
 

@@ -10,8 +10,10 @@ from flax import nnx
 
 from spatial_jax import checkpoint, sharding
 from spatial_jax.configs_lib import load_config
-from spatial_jax.data import loader, synthetic_job
-from spatial_jax.reward import build, grounding, train
+from spatial_jax.data import loader
+from spatial_jax.jobs import data_synthetic, reward_train
+from spatial_jax.reward import build, grounding
+from spatial_jax.reward import step as reward_step
 from spatial_jax.reward.model import trainable_filter
 
 pytestmark = pytest.mark.slow  # End to end: reward_train job runs.
@@ -23,7 +25,7 @@ def pairs_dir(tmp_path_factory):
   data = config.data.synthetic
   data.seed = 0
   folder = str(tmp_path_factory.mktemp("pairs"))
-  synthetic_job.run(data, folder)
+  data_synthetic.run(data, folder)
   return folder
 
 
@@ -41,11 +43,11 @@ def _losses(workdir):
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(pairs_dir, tmp_path):
-  full = train.run(_config(pairs_dir, steps=4), str(tmp_path / "full"))
+  full = reward_train.run(_config(pairs_dir, steps=4), str(tmp_path / "full"))
   interrupted = str(tmp_path / "resumed")
-  train.run(_config(pairs_dir, steps=2), interrupted)
+  reward_train.run(_config(pairs_dir, steps=2), interrupted)
   assert checkpoint.Checkpointer(interrupted).latest_step() == 2
-  resumed = train.run(_config(pairs_dir, steps=4), interrupted)
+  resumed = reward_train.run(_config(pairs_dir, steps=4), interrupted)
   a, b = _losses(str(tmp_path / "full")), _losses(interrupted)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in (3, 4):
@@ -59,7 +61,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(pairs_dir,
   # Warmup makes step 1's learning rate 0 (a good checkpoint); step 2's huge rate overflows.
   config = _config(pairs_dir, steps=4, lr=1e38, warmup_steps=2, checkpoint_every=1)
   with pytest.raises(FloatingPointError, match="step 2.*last good checkpoint is step 1"):
-    train.run(config, str(tmp_path))
+    reward_train.run(config, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [1]
   mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(None)
@@ -82,11 +84,11 @@ def test_sharded_train_step_equals_single_device(pairs_dir, tmp_path):
   ):
     built = build.build(config, str(tmp_path / str(mesh.size)), mesh, rules)
     graphdef, trainable, frozen = nnx.split(built.model, trainable_filter("all"), ...)
-    tx = train.make_optimizer(config)
+    tx = reward_step.make_optimizer(config)
     colour_ids = grounding.colour_token_ids(built.tokenizer)
-    step = train.make_train_step(graphdef, tx, config, jax.random.key(0), colour_ids)
+    step = reward_step.make_train_step(graphdef, tx, config, jax.random.key(0), colour_ids)
     with sharding.use_mesh(mesh, rules):
-      pairs = train.global_pair_inputs(built.preparer, batch, mesh, rules, config)
+      pairs = build.global_pair_inputs(built.preparer, batch, mesh, rules, config)
       opt_state = jax.jit(tx.init)(trainable)
       new, _, aux = jax.jit(step)(trainable, opt_state, frozen, pairs, 1)
     assert pairs.rows_per_pair == 4 and pairs.inputs.input_ids.shape[0] == 16

@@ -178,13 +178,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     logging.info("Resumed from step %d", start_step)
 
   # -- Train loop ----------------------------------------------------------------------------
-  from spatial_jax.reward.evaluate import History  # The same history.json as reward_train.
 
   writer = metrics.create_writer(workdir)
   progress = metrics.Progress(
     t.steps, every_secs=config.log_every_secs, name="train", writer=writer, start_step=start_step
   )
-  history = History.load(workdir)
+  history = metrics.History.load(workdir)
 
   def write_eval(step: int) -> tuple[dict[str, float], dict[str, Any]]:
     with sharding.use_mesh(mesh, rules):

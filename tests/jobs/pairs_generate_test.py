@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from spatial_jax.configs_lib import load_config
-from spatial_jax.data import llm_perturb, loader, pairs, pairs_generate, synthetic_job
+from spatial_jax.data import llm_perturb, loader, pairs
+from spatial_jax.jobs import data_synthetic, pairs_generate
 from spatial_jax.reward import evaluate
 
 pytestmark = pytest.mark.slow  # End to end: pairs_generate job runs.
@@ -36,7 +37,7 @@ def test_judge_filter_on_hand_made_scores():
 def test_oracle_judge_keeps_rendered_pairs():
   # Renders of the synthetic world are exact: the oracle must prefer the original's render.
   config = load_config("configs/data_synthetic.py", "smoke")
-  made = [synthetic_job.make_pair(config, "train", i) for i in range(4)]
+  made = [data_synthetic.make_pair(config, "train", i) for i in range(4)]
   judge_config = load_config("configs/pairs_flux.py", "synthetic")
   judge = pairs_generate.make_judge(judge_config, mesh=None)
   prompts = [m["prompt"] for m in made]
@@ -178,7 +179,7 @@ def test_smoke_rows_record_provenance_and_judge_scores(smoke_folder):
 
 
 def test_smoke_folder_is_what_reward_train_reads(smoke_folder):
-  # The two reads reward_train makes (reward/train.py), with the smoke reward config's fields.
+  # The two reads reward_train makes (jobs/reward_train.py), with the smoke reward config's fields.
   folder = smoke_folder["folder"]
   reward = load_config("configs/reward_synthetic.py", "smoke")
   it = loader.make_pairs_loader(

@@ -9,8 +9,8 @@ import pytest
 
 from spatial_jax import checkpoint, metrics
 from spatial_jax.configs_lib import load_config
-from spatial_jax.data import pairs, synthetic_job
-from spatial_jax.reward import evaluate_job
+from spatial_jax.data import pairs
+from spatial_jax.jobs import data_synthetic, reward_eval
 from spatial_jax.reward.inference import SpatialScore
 
 pytestmark = pytest.mark.slow  # End to end: built on a reward_train run.
@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
   metrics.write_config_json(workdir, config)
   data = ml_collections.ConfigDict(dict(config.data.synthetic))
   data.seed = config.seed
-  synthetic_job.run(data, os.path.join(workdir, "pairs"))
+  data_synthetic.run(data, os.path.join(workdir, "pairs"))
   scorer = SpatialScore.from_config(config, workdir=workdir)
   with checkpoint.Checkpointer(workdir) as ckpt:
     ckpt.save(1, params=scorer.trainable, force=True)
@@ -51,7 +51,7 @@ def _read(path):
 def test_eval_json_matches_accuracy_computed_from_score(workdir, tmp_path):
   model_dir, scorer = workdir
   config = _eval_config(model_dir, batch_size=4, max_pairs=10)  # 3 chunks, the last padded.
-  evaluate_job.run(config, str(tmp_path))
+  reward_eval.run(config, str(tmp_path))
   result = _read(tmp_path / "eval.json")
   pairs_dir = os.path.join(model_dir, "pairs")  # The default: the workdir's own pairs.
   assert (result["model_path"], result["pairs"], result["split"]) == (model_dir, pairs_dir, "test")
@@ -69,7 +69,7 @@ def test_eval_json_matches_accuracy_computed_from_score(workdir, tmp_path):
 
 def test_oracle_is_exact_on_synthetic_pairs(workdir, tmp_path):
   pairs_dir = os.path.join(workdir[0], "pairs")
-  evaluate_job.run(_eval_config("oracle", pairs=pairs_dir, max_pairs=0), str(tmp_path))
+  reward_eval.run(_eval_config("oracle", pairs=pairs_dir, max_pairs=0), str(tmp_path))
   result = _read(tmp_path / "eval.json")
   assert result["count"] == 12 and result["step"] is None
   assert result["accuracy"] == 1.0 and result["sigma"] == 0.0 and result["margin"] > 0
@@ -78,7 +78,7 @@ def test_oracle_is_exact_on_synthetic_pairs(workdir, tmp_path):
 
 def test_bad_config_is_named(tmp_path):
   with pytest.raises(ValueError, match="config.model_path is empty"):
-    evaluate_job.run(_eval_config(""), str(tmp_path))
+    reward_eval.run(_eval_config(""), str(tmp_path))
   with pytest.raises(ValueError, match="config.pairs is empty"):
-    evaluate_job.run(_eval_config("oracle"), str(tmp_path))
+    reward_eval.run(_eval_config("oracle"), str(tmp_path))
   assert not os.path.exists(tmp_path / "eval.json")

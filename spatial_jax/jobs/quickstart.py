@@ -48,25 +48,23 @@ def _stage(workdir: str, name: str, run, config: Any, done_file: str = "summary.
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the four stages (see the module docstring) and writes report.md; returns its data."""
-  from spatial_jax.data import synthetic_job
-  from spatial_jax.diffusion import sft_job
-  from spatial_jax.reward import train as reward_train
-  from spatial_jax.rl import train as grpo_train
+  from spatial_jax.jobs import data_synthetic, flux_sft, reward_train
+  from spatial_jax.jobs import grpo as grpo_job
 
   os.makedirs(workdir, exist_ok=True)
   metrics.write_config_json(workdir, config)
   pairs = os.path.join(workdir, "pairs")
   seconds = {}
   _, seconds["pairs"] = _stage(
-    workdir, "pairs", synthetic_job.run, config.data, done_file="stats.json"
+    workdir, "pairs", data_synthetic.run, config.data, done_file="stats.json"
   )
   config.reward.data.pairs = pairs
   reward, seconds["reward"] = _stage(workdir, "reward", reward_train.run, config.reward)
   config.generator.data.pairs = pairs
-  generator, seconds["generator"] = _stage(workdir, "generator", sft_job.run, config.generator)
+  generator, seconds["generator"] = _stage(workdir, "generator", flux_sft.run, config.generator)
   config.grpo.model.generator = os.path.join(workdir, "generator", "final")
   config.grpo.reward.spatial_score = os.path.join(workdir, "reward")
-  grpo, seconds["grpo"] = _stage(workdir, "grpo", grpo_train.run, config.grpo)
+  grpo, seconds["grpo"] = _stage(workdir, "grpo", grpo_job.run, config.grpo)
 
   report = dict(
     seconds={k: round(v, 1) for k, v in seconds.items()},

@@ -14,12 +14,13 @@ from absl import flags
 from flax import nnx
 from PIL import Image
 
-from spatial_jax import checkpoint, lora, main, sharding
+from spatial_jax import checkpoint, lora, main, optim, sharding
 from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import build, flow_matching
 from spatial_jax.diffusion import generator as generator_lib
-from spatial_jax.diffusion import sft_job
 from spatial_jax.diffusion.pipeline import FluxPipeline
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.jobs import flux_sft
 from spatial_jax.models.flux import params as flux_params
 
 pytestmark = pytest.mark.slow  # End to end: flux_sft job runs.
@@ -53,15 +54,17 @@ def test_loss_matches_a_numpy_reference_on_a_toy_velocity():
 
   x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
   expected = np.mean((x_t @ w + 2.0 * t[:, None, None] - (noise - x0)) ** 2)
-  loss = sft_job.flow_matching_loss(velocity, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+  loss = flow_matching.flow_matching_loss(
+    velocity, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   # The exact velocity of the straight path has zero loss.
-  exact = sft_job.flow_matching_loss(lambda x, s: noise - x0, x0, noise, t)
+  exact = flow_matching.flow_matching_loss(lambda x, s: noise - x0, x0, noise, t)
   assert float(exact) == 0.0
 
 
 def test_params_ema_ramps_its_decay():
-  tx = sft_job.params_ema(0.9)
+  tx = optim.params_ema(0.9)
   params = {"w": jnp.array([1.0, -2.0])}
   state = tx.init(params)
   expected = np.array([1.0, -2.0])
@@ -72,26 +75,26 @@ def test_params_ema_ramps_its_decay():
     d = min(0.9, (1 + n) / (10 + n))
     expected = d * expected + (1 - d) * np.asarray(params["w"])
     np.testing.assert_array_equal(out["w"], delta)  # Updates pass through.
-    np.testing.assert_allclose(sft_job.ema_params((None, state))["w"], expected, rtol=1e-6)
-  assert sft_job.ema_params(optax.sgd(0.1).init(params)) is None
+    np.testing.assert_allclose(optim.ema_params((None, state))["w"], expected, rtol=1e-6)
+  assert optim.ema_params(optax.sgd(0.1).init(params)) is None
 
 
 def test_timestep_sampling_schemes():
   config = _config(resolution_shift=False, logit_mean=0.5, logit_std=0.8)
   key = jax.random.key(3)
-  t = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  t = np.asarray(flow_matching.sample_timesteps(key, 20_000, config, 64))
   logits = np.log(t / (1 - t))
   assert abs(logits.mean() - 0.5) < 0.02 and abs(logits.std() - 0.8) < 0.02
   config.train.resolution_shift = True
-  shifted = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  shifted = np.asarray(flow_matching.sample_timesteps(key, 20_000, config, 64))
   s = np.exp(FlowMatchSchedule().mu(64))  # The sampler's shift for 64 image tokens.
   np.testing.assert_allclose(shifted, s * t / (1 + (s - 1) * t), rtol=1e-5)
   config.train.update(timestep_sampling="uniform", resolution_shift=False)
-  u = np.asarray(sft_job.sample_timesteps(key, 20_000, config, 64))
+  u = np.asarray(flow_matching.sample_timesteps(key, 20_000, config, 64))
   assert 0 <= u.min() and u.max() <= 1 and abs(u.mean() - 0.5) < 0.01
   config.train.timestep_sampling = "cosine"
   with pytest.raises(ValueError, match="timestep_sampling='cosine'"):
-    sft_job.sample_timesteps(key, 4, config, 64)
+    flow_matching.sample_timesteps(key, 4, config, 64)
 
 
 def _run_main(*args):
@@ -130,9 +133,9 @@ def test_smoke_run_writes_checkpoints_metrics_gallery_and_a_loadable_generator(s
   generator = generator_lib.load_generator(final)
   assert generator.image_size == 32 and generator.info["step"] == 4
   graphdef, params, rest = nnx.split(generator.transformer, nnx.Param, ...)
-  opt_target = sft_job.make_optimizer(config).init(params)
+  opt_target = build.make_optimizer(config).init(params)
   restored = checkpoint.Checkpointer(smoke).restore(params=params, opt_state=opt_target)
-  ema = sft_job.ema_params(restored.opt_state)
+  ema = optim.ema_params(restored.opt_state)
   exported, averaged, raw = (_flat(tree) for tree in (params, ema, restored.params))
   assert exported.keys() == averaged.keys() == raw.keys()
   for name, value in exported.items():
@@ -164,7 +167,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
   config = _config()
   config.data.pairs = os.path.join(smoke, "pairs")  # The smoke run's data: the same batches.
   config.gallery.num_prompts = 0
-  summary = sft_job.run(config, str(tmp_path))
+  summary = flux_sft.run(config, str(tmp_path))
   full, resumed = _losses(smoke), _losses(str(tmp_path))
   assert summary["step"] == 4 and sorted(resumed) == [3, 4]
   for step in (3, 4):
@@ -202,13 +205,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke, tmp_pat
   config.data.pairs = os.path.join(smoke, "pairs")
   config.gallery.num_prompts = 0
   with pytest.raises(FloatingPointError, match="step 2.*last good checkpoint is step 1"):
-    sft_job.run(config, str(tmp_path))
+    flux_sft.run(config, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [1]
   assert not os.path.exists(tmp_path / "final")
   mesh = sharding.make_mesh(config.mesh)
-  codec, encoder = sft_job.build_codec(config), sft_job.build_prompt_encoder(config)
-  model = sft_job.build_model(config, codec, encoder, mesh, sharding.resolve_rules(None))
+  codec, encoder = build.build_codec(config), build.build_prompt_encoder(config)
+  model = build.build_model(config, codec, encoder, mesh, sharding.resolve_rules(None))
   _, target, _ = nnx.split(model, nnx.Param, ...)
   params = ckpt.restore(step=1, params=target).params
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -217,10 +220,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke, tmp_pat
 def test_bad_config_fails_before_any_work(tmp_path):
   config = _config(batch_size=6)  # 8 fake devices split the batch 8 ways.
   with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the 8 shards"):
-    sft_job.run(config, str(tmp_path))
+    flux_sft.run(config, str(tmp_path))
   config = _config(timestep_sampling="cosine")
   with pytest.raises(ValueError, match="timestep_sampling='cosine'"):
-    sft_job.run(config, str(tmp_path))
+    flux_sft.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
@@ -230,9 +233,9 @@ def test_trainable_t5_step_matches_the_frozen_step_and_trains_t5():
   config = _config(prompt_dropout=0.5)
   config.model.zero_init = False  # adaLN-Zero would send no gradient to the text at first.
   mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(None)
-  codec, encoder = sft_job.build_codec(config), sft_job.build_prompt_encoder(config)
+  codec, encoder = build.build_codec(config), build.build_prompt_encoder(config)
   geo = generator_lib.geometry(32, codec, config.text.max_length)
-  model = sft_job.build_model(config, codec, encoder, mesh, rules)
+  model = build.build_model(config, codec, encoder, mesh, rules)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   t5_graphdef, t5_params = nnx.split(encoder.encoders.t5)
   prompts = ["a red circle above a blue star", "a green square left of a cyan cross"] * 4
@@ -243,9 +246,9 @@ def test_trainable_t5_step_matches_the_frozen_step_and_trains_t5():
   tx = optax.sgd(0.1)
   key = jax.random.key(3)
   with sharding.use_mesh(mesh, rules):
-    frozen_step = jax.jit(sft_job.make_train_step(graphdef, tx, config, codec, geo, empty))
+    frozen_step = jax.jit(flow_matching.make_train_step(graphdef, tx, config, codec, geo, empty))
     joint_step = jax.jit(
-      sft_job.make_train_step(
+      flow_matching.make_train_step(
         graphdef,
         tx,
         config,
@@ -274,19 +277,19 @@ def test_trainable_t5_run_exports_the_trained_t5(smoke, tmp_path):
   config.gallery.every_steps = 1  # Galleries between steps encode with the trained T5.
   config.text.t5_trainable = True
   config.model.zero_init = False  # So that T5 gets a gradient within the two steps.
-  sft_job.run(config, str(tmp_path))
+  flux_sft.run(config, str(tmp_path))
   exported = generator_lib.load_generator(tmp_path / "final").prompt_encoder.encoders
-  initial_encoder = sft_job.build_prompt_encoder(config)
+  initial_encoder = build.build_prompt_encoder(config)
   initial = initial_encoder.encoders
   # The export's T5 is the EMA of the checkpoint's T5 (as the transformer is); CLIP stays.
   mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(None)
-  codec = sft_job.build_codec(config)
-  model = sft_job.build_model(config, codec, initial_encoder, mesh, rules)
+  codec = build.build_codec(config)
+  model = build.build_model(config, codec, initial_encoder, mesh, rules)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   target = dict(transformer=params, t5=nnx.state(initial.t5))
-  opt_target = sft_job.make_optimizer(config).init(target)
+  opt_target = build.make_optimizer(config).init(target)
   restored = checkpoint.Checkpointer(str(tmp_path)).restore(params=target, opt_state=opt_target)
-  ema = _flat(sft_job.ema_params(restored.opt_state)["t5"])
+  ema = _flat(optim.ema_params(restored.opt_state)["t5"])
   t5, t5_initial = _flat(nnx.state(exported.t5)), _flat(nnx.state(initial.t5))
   assert t5.keys() == ema.keys()
   for name, value in ema.items():

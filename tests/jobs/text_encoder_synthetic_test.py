@@ -16,7 +16,8 @@ from flax import nnx
 from spatial_jax import checkpoint, main
 from spatial_jax.configs_lib import load_config
 from spatial_jax.data import tokenizer as tokenizer_lib
-from spatial_jax.diffusion import sft_job, synthetic, text_encoder_job, text_pretrain
+from spatial_jax.diffusion import build, synthetic, text_pretrain
+from spatial_jax.jobs import flux_sft, text_encoder_synthetic
 from spatial_jax.models.t5 import params as t5_params
 
 pytestmark = pytest.mark.slow  # End to end: text_encoder_synthetic and flux_sft job runs.
@@ -108,7 +109,7 @@ def test_final_folder_matches_transformers_and_the_trained_weights(smoke):
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
   shutil.copytree(os.path.join(smoke, "checkpoints", "2"), tmp_path / "checkpoints" / "2")
-  summary = text_encoder_job.run(_config(), str(tmp_path))
+  summary = text_encoder_synthetic.run(_config(), str(tmp_path))
   full, resumed = _losses(smoke), _losses(str(tmp_path))
   assert summary["step"] == 4 and sorted(resumed) == [3, 4]
   for step in (3, 4):
@@ -123,7 +124,7 @@ def test_non_finite_loss_stops_and_writes_no_final_folder(tmp_path):
   # Warmup makes step 1's learning rate 0 (a good checkpoint); step 2's huge rate overflows.
   config = _config(steps=4, lr=1e38, warmup_steps=2, checkpoint_every=1)
   with pytest.raises(FloatingPointError, match="step 2.*last good checkpoint is step 1"):
-    text_encoder_job.run(config, str(tmp_path))
+    text_encoder_synthetic.run(config, str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [1]
   assert not os.path.exists(tmp_path / "final")
 
@@ -131,9 +132,9 @@ def test_non_finite_loss_stops_and_writes_no_final_folder(tmp_path):
 def test_flux_sft_reads_the_pretrained_t5_and_keeps_its_random_clip(smoke, tmp_path):
   final = os.path.join(smoke, "final")
   config = load_config("configs/flux_sft_synthetic.py", "smoke")
-  random_encoder = sft_job.build_prompt_encoder(config)
+  random_encoder = build.build_prompt_encoder(config)
   config.text.t5_pretrained = final
-  encoder = sft_job.build_prompt_encoder(config)
+  encoder = build.build_prompt_encoder(config)
   prompt_embeds, pooled = encoder(PROMPTS)
   ids = synthetic.tokenize(PROMPTS, config.text.max_length, bos=False)
   np.testing.assert_allclose(prompt_embeds, _ours(final, ids), rtol=1e-6, atol=1e-6)
@@ -169,7 +170,7 @@ def test_flux_sft_smoke_run_with_the_pretrained_t5_exports_it(smoke, tmp_path):
   config = load_config("configs/flux_sft_synthetic.py", "smoke")
   config.text.t5_pretrained = os.path.join(smoke, "final")
   config.gallery.num_prompts = 0
-  sft_job.run(config, str(tmp_path))
+  flux_sft.run(config, str(tmp_path))
   generator = generator_lib.load_generator(tmp_path / "final")
   ids = synthetic.tokenize(PROMPTS, config.text.max_length, bos=False)
   np.testing.assert_allclose(

@@ -7,7 +7,8 @@ Each step of the loop:
   prompts (P, from the step number) -> rollout (G SDE samples per prompt, no gradients) ->
   decode -> rewards (every available one; `reward.train_on` drives the advantages) ->
   top-k group advantages (`rl.advantages`) -> training on the kept samples x trained timesteps,
-  in `train.num_minibatches` optimizer updates (`rl.steps`) -> metrics, checkpoints.
+  in `train.num_minibatches` optimizer updates (`rl.steps`) -> metrics, checkpoints; the phases
+  are `rl.loop`'s.
 
 Every `eval.every_steps` (and before the first and after the last step) the held-out prompts
 are sampled deterministically (the ODE, fixed noise) and scored by every reward; the gallery is
@@ -32,54 +33,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from spatial_jax import checkpoint, metrics, sharding
-from spatial_jax.data.prompts import PromptSource
+from spatial_jax import checkpoint, metrics, optim, sharding
 from spatial_jax.diffusion import generator as generator_lib
-from spatial_jax.diffusion.schedule import FlowMatchSchedule
-from spatial_jax.diffusion.sft_job import batch_shard_count, ema_params
+from spatial_jax.diffusion import text_to_image
 from spatial_jax.models.flux import params as flux_params
-from spatial_jax.rl import advantages as advantages_lib
-from spatial_jax.rl import grpo as grpo_lib
-from spatial_jax.rl import policy as policy_lib
+from spatial_jax.rl import loop
 from spatial_jax.rl import rewards as rewards_lib
 from spatial_jax.rl import steps as steps_lib
-
-
-def check_config(config: Any, batch_shards: int) -> None:
-  """Clear errors for group and batch sizes that cannot work (before anything is built)."""
-  g, t = config.grpo, config.train
-  if g.group_size < 2:
-    raise ValueError(f"config.grpo.group_size={g.group_size}: a group needs >= 2 samples.")
-  if g.topk is not None and not 1 <= 2 * g.topk <= g.group_size:
-    raise ValueError(
-      f"config.grpo.topk={g.topk}: keeps the top-k and bottom-k of each group, so 2k must be "
-      f"in [2, group_size={g.group_size}] (None keeps all)."
-    )
-  kept = g.prompts_per_step * (g.group_size if g.topk is None else 2 * g.topk)
-  rollout = g.prompts_per_step * g.group_size
-  if rollout % batch_shards:
-    raise ValueError(
-      f"prompts_per_step x group_size = {rollout} samples must split over the {batch_shards} "
-      "batch shards of the mesh."
-    )
-  if kept % t.num_minibatches or (kept // t.num_minibatches) % batch_shards:
-    raise ValueError(
-      f"{kept} kept samples per step do not split into config.train.num_minibatches="
-      f"{t.num_minibatches} minibatches of a multiple of {batch_shards} (the batch shards)."
-    )
-
-
-def prompt_source(config: Any) -> PromptSource:
-  """Training prompts by step and the held-out evaluation prompts of a grpo config."""
-  return PromptSource(
-    seed=config.seed,
-    train_file=config.data.prompts,
-    eval_file=config.data.eval_prompts,
-    num_eval=config.eval.num_prompts,
-    grammar=dict(config.data.synthetic),
-    scene_pool=config.data.get("scene_pool", 0),
-    pool_phrasings=config.data.get("pool_phrasings", 4),
-  )
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -98,15 +58,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
-  batch_shards = batch_shard_count(mesh, rules)
-  check_config(config, batch_shards)
-  g, t = config.grpo, config.train
-  P, G = g.prompts_per_step, g.group_size
-  # Rollout images decoded per call: the reward batch, rounded up to the batch shards.
-  decode_chunk = -(-config.reward.batch_size // batch_shards) * batch_shards
+  batch_shards = sharding.batch_shard_count(mesh, rules)
+  loop.check_config(config, batch_shards)
+  t = config.train
 
   # -- Policy, rewards, prompts --------------------------------------------------------------
-  policy = policy_lib.load_policy(config, mesh, rules)
+  policy = text_to_image.load_text_to_image(config, mesh, rules)
   graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
   logging.info(
     "GRPO policy %s: %.3fM LoRA params on a %.3fM-param transformer",
@@ -115,29 +72,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     _count(frozen) / 1e6,
   )
   reward_fns = rewards_lib.make_rewards(config, mesh)
-  prompts = prompt_source(config)
+  prompts = loop.prompt_source(config)
 
   # -- Phases --------------------------------------------------------------------------------
-  schedule = FlowMatchSchedule()
-  sigmas = jnp.asarray(schedule.sigmas(config.sampling.num_steps, policy.geo.image_seq_len))
-  eval_sigmas = jnp.asarray(schedule.sigmas(config.eval.num_steps, policy.geo.image_seq_len))
-  timesteps = steps_lib.trained_timesteps(config, config.sampling.num_steps)
   tx = steps_lib.make_optimizer(config)
-  trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   with sharding.use_mesh(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
-  p_rollout = jax.jit(steps_lib.make_rollout(graphdef, policy, sigmas, config))
-  p_train = jax.jit(
-    steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config),
-    donate_argnums=(0, 1),
-    out_shardings=(trainable_sh, None, None),
-  )
-  p_eval = jax.jit(steps_lib.make_eval_sampler(graphdef, policy, eval_sigmas))
-
-  def put(x: Any, batch_axis: int = 0) -> jax.Array:
-    names = [None] * np.ndim(x)
-    names[batch_axis] = "act_batch"
-    return jax.device_put(x, sharding.named_sharding(mesh, tuple(names), rules))
+  phases = loop.jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
+  put = phases.put
 
   # -- Restore -------------------------------------------------------------------------------
   rng = jax.device_put(jax.random.key(config.seed), sharding.named_sharding(mesh, (), rules))
@@ -172,7 +114,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     eval_inputs[prefix] = (embeds, put(noise))
 
   def sampling_params():
-    ema = ema_params(opt_state)
+    ema = optim.ema_params(opt_state)
     return trainable if ema is None else ema
 
   def evaluate(step: int) -> dict[str, float]:
@@ -180,7 +122,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     for prefix, eval_prompts in eval_sets.items():
       embeds, noise = eval_inputs[prefix]
       with sharding.use_mesh(mesh, rules):
-        latents = p_eval(sampling_params(), frozen, *embeds, noise)
+        latents = phases.sample(sampling_params(), frozen, *embeds, noise)
         images = generator_lib.unit_to_uint8(policy.decode(latents))[: len(eval_prompts)]
       for name, fn in reward_fns.items():
         scores[f"{prefix}/{name}"] = float(np.mean(fn(images, eval_prompts)))
@@ -208,9 +150,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     return scores
 
   # -- The loop ------------------------------------------------------------------------------
-  from spatial_jax.reward.evaluate import History
-
-  history = History.load(workdir)
+  history = metrics.History.load(workdir)
   before = evaluate(start_step) if start_step == 0 else None
   if before:
     history.add(0, before)
@@ -225,54 +165,18 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       for step in range(start_step + 1, t.steps + 1):
         key = jax.random.fold_in(rng, step)
         timer = time.perf_counter()
-        step_prompts = prompts.train(step, P)
-        group_prompts = [p for p in step_prompts for _ in range(G)]  # Each prompt's G adjacent.
-        prompt_embeds, pooled = (put(jnp.repeat(x, G, axis=0)) for x in policy.encode(step_prompts))
-        traj = p_rollout(trainable, frozen, prompt_embeds, pooled, key)
-        images = np.concatenate(  # In chunks: a VAE decode of P x G large images is costly.
-          [
-            generator_lib.unit_to_uint8(policy.decode(traj.latents[-1][i : i + decode_chunk]))
-            for i in range(0, P * G, decode_chunk)
-          ]
+        roll = loop.rollout(
+          phases, policy, trainable, frozen, prompts.train(step, config.grpo.prompts_per_step), key
         )
         rollout_secs, timer = time.perf_counter() - timer, time.perf_counter()
-
-        rewards = {name: fn(images, group_prompts) for name, fn in reward_fns.items()}
-        reward = jnp.asarray(rewards[config.reward.train_on]).reshape(P, G)
-        advantages, mask = advantages_lib.topk_group_advantages(
-          reward, g.topk, stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
-        )
+        scored = loop.score(roll, reward_fns, config)
         reward_secs, timer = time.perf_counter() - timer, time.perf_counter()
-
-        kept = np.flatnonzero(np.asarray(mask).reshape(-1))
-        order = np.random.default_rng((config.seed, step)).permutation(kept)
-        step_metrics = []
-        for idx in np.array_split(order, t.num_minibatches):
-          batch = dict(
-            latents=put(traj.latents[:, idx], batch_axis=1),
-            log_probs=put(traj.log_probs[:, idx], batch_axis=1),
-            advantages=put(np.asarray(advantages).reshape(-1)[idx]),
-            mask=put(np.ones(len(idx), bool)),
-            prompt_embeds=put(prompt_embeds[idx]),
-            pooled=put(pooled[idx]),
-          )
-          trainable, opt_state, aux = p_train(trainable, opt_state, frozen, batch)
-          step_metrics.append(aux)
-        jax.block_until_ready(trainable)
+        batches = loop.minibatches(phases, roll, scored, config, step)
+        trainable, opt_state, aux = loop.update(phases, trainable, opt_state, frozen, batches)
         train_secs = time.perf_counter() - timer
 
-        aux = _merge_minibatches(jax.device_get(step_metrics))
         checkpoint.check_finite(aux, step, ckpt, "GRPO training", 1)
-        scalars = {f"train/{k}": float(v) for k, v in aux.items()}
-        # Of the rollout (each minibatch holds kept samples only).
-        scalars["train/kept_fraction"] = float(np.mean(mask))
-        scalars.update({f"train/reward_{k}": float(np.mean(v)) for k, v in rewards.items()})
-        kept_stats = grpo_lib.reward_metrics(reward.reshape(-1), mask.reshape(-1))
-        scalars.update({f"train/{k}": float(v) for k, v in kept_stats.items()})
-        # Groups whose rewards all tie teach nothing (Flow-GRPO's zero_std_ratio).
-        group_std = np.asarray(reward).std(axis=1)
-        scalars["train/zero_std_ratio"] = float(np.mean(group_std == 0))
-        scalars["train/group_reward_std"] = float(np.mean(group_std))
+        scalars = loop.step_scalars(aux, scored)
         scalars.update(
           {"time/rollout_s": rollout_secs, "time/reward_s": reward_secs, "time/train_s": train_secs}
         )
@@ -323,46 +227,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     final=final,
   )
   history.save(workdir)
-  plot_curves(history, list(reward_fns), os.path.join(workdir, "curves.png"))
+  # The training reward (rollout mean) and the evaluation score of every reward.
+  panels = [(name, (f"train/reward_{name}", f"eval/{name}")) for name in reward_fns]
+  history.plot(os.path.join(workdir, "curves.png"), panels)
   metrics.write_summary(workdir, summary)
   logging.info("Final: %s", summary)
   return summary
-
-
-def plot_curves(history: Any, reward_names: list[str], path: str) -> None:
-  """The training reward (rollout mean) and the evaluation scores against the step, as a PNG."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(reward_names), figsize=(5 * len(reward_names), 3.5))
-  for axis, name in zip(np.atleast_1d(axes), reward_names, strict=True):
-    for series, style in ((f"train/reward_{name}", "-"), (f"eval/{name}", "o-")):
-      if history.rows.get(series):
-        steps, values = zip(*history.rows[series], strict=True)
-        axis.plot(steps, values, style, label=series)
-    axis.set_xlabel("step")
-    axis.set_title(name)
-    axis.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def _merge_minibatches(rows: list[dict[str, Any]]) -> dict[str, Any]:
-  merged = {}
-  for k in rows[0]:
-    values = np.stack([np.asarray(r[k]) for r in rows])
-    if k == "finite":
-      merged[k] = bool(values.all())
-    elif k == "ratio_min":
-      merged[k] = values.min()
-    elif k == "ratio_max":
-      merged[k] = values.max()
-    else:
-      merged[k] = values.mean()
-  return merged
 
 
 def _count(tree: Any) -> int:

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from spatial_jax import quickstart
 from spatial_jax.configs_lib import load_config
+from spatial_jax.jobs import quickstart
 
 pytestmark = pytest.mark.slow  # End to end: every stage of the quickstart.
 

@@ -4,7 +4,7 @@ For each row of `config.rows` the job loads the named experiment config (e.g.
 `configs/grpo_flux_dev.py`), applies the row's mesh, remat and overrides, builds the model
 *abstractly* (`nnx.eval_shape`: no weight is read or allocated), gives every parameter the
 NamedSharding its logical axes resolve to, and lowers and compiles the experiment's real jitted
-step (`reward.train.make_train_step`, `rl.steps.make_rollout` / `make_train_step`, jitted as the
+step (`reward.step.make_train_step`, `rl.loop.jit_phases`' rollout / train step, jitted as the
 trainers jit them) for a mesh of fake CPU devices. It reports per device:
 
 - memory from XLA's `memory_analysis()`: arguments + outputs + temporaries - aliased (donated)
@@ -130,7 +130,7 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
   from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, ModelInputs, Qwen25VLModel, vision
   from spatial_jax.models.qwen25vl.processor import ImageProcessor
   from spatial_jax.reward import build
-  from spatial_jax.reward import train as reward_train
+  from spatial_jax.reward import step as reward_step
   from spatial_jax.reward.model import SpatialScoreModel, trainable_filter
 
   m = config.model
@@ -148,13 +148,13 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
                              rngs=nnx.Rngs(2))  # fmt: skip
 
   graphdef, trainable, frozen = abstract_split(ctor, trainable_filter(m.trainable), mesh, rules)
-  tx = reward_train.make_optimizer(config)
+  tx = reward_step.make_optimizer(config)
   opt_state = abstract_opt_state(tx, trainable)
 
   # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs); 4B
   # with `train.perturbed_pairs`. The grounding targets (a few floats a row) are left out.
   v = bconfig.vision
-  rows_per_pair = reward_train.rows_per_pair(config)
+  rows_per_pair = build.rows_per_pair(config)
   seqs, length = rows_per_pair * config.train.batch_size, config.data.max_length
   side = config.data.image_size
   h, w = ImageProcessor.from_config(v).resized_size(side, side)  # As build.build's processor.
@@ -169,10 +169,10 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
     vision_meta=jax.tree.map(replicated, meta),
   )
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
-  step = reward_train.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
-  replicated_metrics = sharding.named_sharding(mesh, (), rules)  # As reward.train.run jits it.
+  step = reward_step.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
+  replicated_metrics = sharding.named_sharding(mesh, (), rules)  # As reward_train.run jits it.
   fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, replicated_metrics))
-  batch = reward_train.PairBatch(inputs, rows_per_pair=rows_per_pair)
+  batch = build.PairBatch(inputs, rows_per_pair=rows_per_pair)
   args = (trainable, opt_state, frozen, batch, _abstract((), jnp.int32, mesh))
   shape = f"{config.train.batch_size} pairs: {seqs} x {length} tok, {side}px"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
@@ -181,23 +181,23 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
 def _flux_policy(config: Any, row: Any, mesh, rules):
   """The GRPO policy (FLUX + LoRA) of `config`, abstract; the text encoders, VAE and reward
   are not part of the rollout or train step (the prompt embeddings are inputs)."""
+  from spatial_jax.diffusion.build import runtime_kwargs
   from spatial_jax.diffusion.generator import Geometry
   from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids
-  from spatial_jax.diffusion.sft_job import runtime_kwargs
+  from spatial_jax.diffusion.text_to_image import TextToImage
   from spatial_jax.models.flux import FluxConfig, FluxTransformer
   from spatial_jax.models.flux import params as flux_params
-  from spatial_jax.rl.policy import Policy
 
   presets = {"flux1_dev": FluxConfig.flux1_dev, "tiny": FluxConfig.tiny}
   if row.flux not in presets:
     raise ValueError(f"Unknown row flux={row.flux!r}; known: {sorted(presets)}.")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in row.flux_overrides.items()}
   flux_config = presets[row.flux](**overrides, **runtime_kwargs(config))
-  if config.sampling.cfg_scale not in (1.0, -1.0):  # rl.policy: negative -> 1.0 for FLUX.
+  if config.sampling.cfg_scale not in (1.0, -1.0):  # text_to_image: negative -> 1.0 for FLUX.
     raise NotImplementedError("The plan covers guidance-distilled FLUX (sampling.cfg_scale=1).")
   c = config.lora
 
-  def ctor():  # rl.policy's transformer + LoRA, without the weights.
+  def ctor():  # text_to_image's transformer + LoRA, without the weights.
     model = FluxTransformer(flux_config, rngs=nnx.Rngs(config.seed))
     targets = list(c.targets) or list(flux_params.lora_targets(c.single_mlp))
     lora.apply_lora(model, rank=c.rank, alpha=c.alpha, targets=targets, rngs=nnx.Rngs(0))
@@ -208,7 +208,7 @@ def _flux_policy(config: Any, row: Any, mesh, rules):
   lh, lw = latent_size(size, size, row.vae_scale_factor)
   length = config.model.max_sequence_length
   geo = Geometry((size, size), (lh, lw), image_ids(lh // 2, lw // 2), text_ids(length))
-  policy = Policy(
+  policy = TextToImage(
     transformer=nnx.merge(graphdef, trainable, frozen),
     encode=None,
     decode=None,
@@ -222,19 +222,19 @@ def _flux_policy(config: Any, row: Any, mesh, rules):
 
 
 def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
-  """`grpo`'s jitted rollout (`row.step == "grpo_rollout"`) or train step (`"grpo_train"`)."""
-  from spatial_jax.diffusion.schedule import FlowMatchSchedule
-  from spatial_jax.diffusion.sft_job import batch_shard_count
+  """`grpo`'s jitted rollout (`row.step == "grpo_rollout"`) or train step (`"grpo_train"`), as
+  `rl.loop.jit_phases` jits them for the job."""
+  from spatial_jax.rl import loop
   from spatial_jax.rl import steps as steps_lib
-  from spatial_jax.rl import train as grpo_train
 
-  grpo_train.check_config(config, batch_shard_count(mesh, rules))
+  loop.check_config(config, sharding.batch_shard_count(mesh, rules))
   graphdef, trainable, frozen, policy, fc = _flux_policy(config, row, mesh, rules)
   g, steps = config.grpo, config.sampling.num_steps
   tokens, channels = policy.latent_shape
-  sigmas = jnp.asarray(FlowMatchSchedule().sigmas(steps, tokens))
   length, dtype = config.model.max_sequence_length, jnp.dtype(config.model.dtype)
   size = config.data.image_size
+  tx = steps_lib.make_optimizer(config)
+  phases = loop.jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
 
   def embeds(b):
     return (_batch((b, length, fc.joint_attention_dim), dtype, mesh, rules),
@@ -242,28 +242,25 @@ def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
 
   if row.step == "grpo_rollout":
     b = g.prompts_per_step * g.group_size  # The loop's one rollout call.
-    fn = jax.jit(steps_lib.make_rollout(graphdef, policy, sigmas, config))
-    args = (trainable, frozen, *embeds(b), _key(mesh))
+    fn, args = phases.rollout, (trainable, frozen, *embeds(b), _key(mesh))
     shape = f"{b} samples, {size}px, {steps} steps"
   else:
     kept = g.group_size if g.topk is None else 2 * g.topk
     b = g.prompts_per_step * kept // config.train.num_minibatches
-    timesteps = steps_lib.trained_timesteps(config, steps)
-    tx = steps_lib.make_optimizer(config)
-    step = steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config)
-    trainable_sh = sharding.state_shardings(trainable, mesh, rules)
-    fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, None))
     prompt_embeds, pooled = embeds(b)
-    batch = dict(
-      latents=_batch((steps + 1, b, tokens, channels), jnp.float32, mesh, rules, axis=1),
-      log_probs=_batch((steps, b), jnp.float32, mesh, rules, axis=1),
-      advantages=_batch((b,), jnp.float32, mesh, rules),
-      mask=_batch((b,), jnp.bool_, mesh, rules),
-      prompt_embeds=prompt_embeds,
-      pooled=pooled,
+    shapes = dict(
+      latents=((steps + 1, b, tokens, channels), jnp.float32),
+      log_probs=((steps, b), jnp.float32),
+      advantages=((b,), jnp.float32),
+      mask=((b,), jnp.bool_),
     )
-    args = (trainable, abstract_opt_state(tx, trainable), frozen, batch)
-    shape = f"{b} samples, {size}px, {len(timesteps)} timesteps"
+    batch = {
+      k: _batch(shape, dt, mesh, rules, axis=loop.BATCH_AXES[k])
+      for k, (shape, dt) in shapes.items()
+    }
+    batch.update(prompt_embeds=prompt_embeds, pooled=pooled)
+    fn, args = phases.train, (trainable, abstract_opt_state(tx, trainable), frozen, batch)
+    shape = f"{b} samples, {size}px, {len(phases.timesteps)} timesteps"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from spatial_jax.configs_lib import load_config
-from spatial_jax.data import oracle, pairs, synthetic_job
+from spatial_jax.data import oracle, pairs
+from spatial_jax.jobs import data_synthetic
 
 
 def _config(**overrides):
@@ -25,10 +26,10 @@ def _same_folders(a, b):
 
 
 def test_deterministic_given_seed_and_different_across_seeds(tmp_path):
-  synthetic_job.run(_config(), str(tmp_path / "a"))
-  synthetic_job.run(_config(), str(tmp_path / "b"))
+  data_synthetic.run(_config(), str(tmp_path / "a"))
+  data_synthetic.run(_config(), str(tmp_path / "b"))
   _same_folders(tmp_path / "a", tmp_path / "b")
-  synthetic_job.run(_config(seed=1), str(tmp_path / "c"))
+  data_synthetic.run(_config(seed=1), str(tmp_path / "c"))
   prompts_a = [r.prompt for r in pairs.read_pairs(tmp_path / "a")]
   prompts_c = [r.prompt for r in pairs.read_pairs(tmp_path / "c")]
   assert sum(p == q for p, q in zip(prompts_a, prompts_c, strict=True)) < 3
@@ -36,22 +37,22 @@ def test_deterministic_given_seed_and_different_across_seeds(tmp_path):
 
 def test_rerun_after_interruption_resumes_without_duplicates(tmp_path):
   full, resumed = tmp_path / "full", tmp_path / "resumed"
-  synthetic_job.run(_config(), str(full))
+  data_synthetic.run(_config(), str(full))
   # An interrupted build: only part of the train split, and a torn last line.
-  stats = synthetic_job.run(_config(num_train=5, num_test=0), str(resumed))
+  stats = data_synthetic.run(_config(num_train=5, num_test=0), str(resumed))
   assert stats["written_by_this_run"] == 5
   with open(resumed / "pairs.jsonl", "ab") as f:
     f.write(b'{"id": "train-000005", "prompt": "a red ci')
-  stats = synthetic_job.run(_config(), str(resumed))
+  stats = data_synthetic.run(_config(), str(resumed))
   assert stats["written_by_this_run"] == 11 and stats["num_pairs"] == 16
   _same_folders(full, resumed)
   # A complete rerun writes nothing and keeps every row.
-  assert synthetic_job.run(_config(), str(resumed))["written_by_this_run"] == 0
+  assert data_synthetic.run(_config(), str(resumed))["written_by_this_run"] == 0
   assert len(pairs.read_pairs(resumed)) == 16
 
 
 def test_pairs_differ_in_exactly_one_relation_of_the_prompt(tmp_path):
-  synthetic_job.run(_config(image_size=64), str(tmp_path))
+  data_synthetic.run(_config(image_size=64), str(tmp_path))
   records = pairs.read_pairs(tmp_path)
   for r in records:
     chosen = oracle.score_prompt(pairs.load_rgb(tmp_path / r.chosen), r.prompt)
@@ -66,13 +67,13 @@ def test_pairs_differ_in_exactly_one_relation_of_the_prompt(tmp_path):
 
 def test_bad_counts_are_refused(tmp_path):
   with pytest.raises(ValueError, match="num_train"):
-    synthetic_job.run(_config(num_train=-1), str(tmp_path))
+    data_synthetic.run(_config(num_train=-1), str(tmp_path))
 
 
 def test_rerun_with_other_generator_settings_is_refused(tmp_path):
-  synthetic_job.run(_config(), str(tmp_path))
+  data_synthetic.run(_config(), str(tmp_path))
   with pytest.raises(ValueError, match=r"other settings.*image_size.*\(32, 48\)"):
-    synthetic_job.run(_config(image_size=48), str(tmp_path))
+    data_synthetic.run(_config(image_size=48), str(tmp_path))
   with pytest.raises(ValueError, match="not both 0"):
-    synthetic_job.run(_config(num_train=0, num_test=0), str(tmp_path / "empty"))
+    data_synthetic.run(_config(num_train=0, num_test=0), str(tmp_path / "empty"))
   assert len(pairs.read_pairs(tmp_path)) == 16  # Nothing written was lost.

@@ -364,23 +364,21 @@ def _generate(
 
   from spatial_jax import sharding
   from spatial_jax.diffusion import generator as generator_lib
+  from spatial_jax.diffusion import text_to_image
   from spatial_jax.diffusion.schedule import FlowMatchSchedule
-  from spatial_jax.diffusion.sft_job import batch_shard_count
-  from spatial_jax.rl import policy as policy_lib
-  from spatial_jax.rl import steps as steps_lib
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
-  policy = policy_lib.load_policy(config, mesh, rules, add_lora=False)
+  policy = text_to_image.load_text_to_image(config, mesh, rules, add_lora=False)
   judge = make_judge(config, mesh)
   graphdef, state = nnx.split(policy.transformer)
   sigmas = FlowMatchSchedule().sigmas(config.sampling.num_steps, policy.geo.image_seq_len)
   # The ODE runs jitted; decoding stays outside that jit because a diffusers pipeline's decode
   # enters its own mesh (`jax.set_mesh`), which jax refuses inside a jit. It is jitted itself.
-  sample = jax.jit(steps_lib.make_eval_sampler(graphdef, policy, jnp.asarray(sigmas)))
+  sample = jax.jit(text_to_image.make_ode_sampler(graphdef, policy, jnp.asarray(sigmas)))
   decode = policy.decode
   # Every call has one padded size (one compiled program), split evenly over the batch shards.
-  shards = batch_shard_count(mesh, rules)
+  shards = sharding.batch_shard_count(mesh, rules)
   call_size = -(-max(2, config.batch_size) // shards) * shards
   per_call = call_size // 2
   shared = bool(config.sampling.shared_noise)

@@ -6,7 +6,8 @@ import os
 import jax
 import pytest
 
-from spatial_jax import configs_lib, plan
+from spatial_jax import configs_lib
+from spatial_jax.jobs import plan
 
 pytestmark = pytest.mark.slow  # End to end: compiles full steps of every plan row.
 

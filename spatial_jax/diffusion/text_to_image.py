@@ -1,6 +1,7 @@
-"""The GRPO policy: a FLUX transformer with LoRA, and the frozen parts around it.
+"""A text-to-image model as sampling, GRPO, `sample` and `pairs_generate` use it: a FLUX
+transformer (with LoRA for GRPO), the frozen parts around it, and its deterministic sampler.
 
-One interface over the two worlds, so the GRPO loop has one code path:
+One interface over the two worlds, so every job has one code path:
 
 - a diffusers FluxPipeline folder (`config.model.pipeline`, e.g. FLUX.1-dev): T5 + CLIP prompt
   encoding, the VAE decoder, guidance through FLUX.1-dev's distilled guidance embedding;
@@ -8,8 +9,9 @@ One interface over the two worlds, so the GRPO loop has one code path:
   text encoders, the pixel codec, classifier-free guidance against the empty prompt;
 - neither (smoke runs): a tiny random generator from `config.model.tiny`.
 
-The transformer gets LoRA adapters (`config.lora`); the policy's trainable state is the LoRA
-params only, and the reference policy of the KL term is the same model with the adapters zeroed.
+For GRPO the transformer gets LoRA adapters (`config.lora`); the policy's trainable state is the
+LoRA params only, and the reference policy of the KL term is the same model with the adapters
+zeroed.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from flax import nnx
 from spatial_jax import lora, sharding
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import synthetic
+from spatial_jax.diffusion.build import runtime_kwargs
 from spatial_jax.diffusion.generator import Embeds, Geometry
 from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids
-from spatial_jax.diffusion.sft_job import runtime_kwargs
+from spatial_jax.diffusion.sampler import sample_ode
 from spatial_jax.models.flux import FluxConfig, FluxTransformer
 from spatial_jax.models.flux import params as flux_params
 
 
 @dataclasses.dataclass
-class Policy:
-  """What the GRPO loop needs of a text-to-image model.
+class TextToImage:
+  """What sampling and the GRPO loop need of a text-to-image model.
 
   Attributes:
     transformer: the FLUX transformer, with LoRA applied.
@@ -96,7 +99,7 @@ def _cfg_scale(config: Any, default: float) -> float:
   return float(default) if value < 0 else value
 
 
-def _from_pipeline(config: Any, mesh, rules, add_lora: bool) -> Policy:
+def _from_pipeline(config: Any, mesh, rules, add_lora: bool) -> TextToImage:
   from spatial_jax.diffusion.pipeline import FluxPipeline  # Lazy: the real-world path only.
 
   m = config.model
@@ -115,7 +118,7 @@ def _from_pipeline(config: Any, mesh, rules, add_lora: bool) -> Policy:
   geo = Geometry(
     (size, size), (lh, lw), image_ids(lh // 2, lw // 2), text_ids(m.max_sequence_length)
   )
-  return Policy(
+  return TextToImage(
     transformer=pipe.transformer,
     encode=pipe.encode_prompt,
     decode=lambda packed: pipe.decode(packed, lh, lw),
@@ -153,9 +156,9 @@ def _tiny_generator(config: Any, mesh, rules) -> generator_lib.Generator:
   return generator_lib.Generator(transformer, codec, encoder, info)
 
 
-def load_policy(
+def load_text_to_image(
   config: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, add_lora: bool = True
-) -> Policy:
+) -> TextToImage:
   """The policy `config.model` names (see the module docstring) on `mesh`, with new LoRA
   adapters from `config.lora` when `add_lora`. A negative `config.sampling.cfg_scale` takes the
   model's own default (the generator's `sampling.cfg_scale`; 1.0 for a pipeline)."""
@@ -190,7 +193,7 @@ def load_policy(
       _add_lora(gen.transformer, config)
   geo = gen.geometry()
   cfg = _cfg_scale(config, gen.sampling["cfg_scale"])
-  return Policy(
+  return TextToImage(
     transformer=gen.transformer,
     encode=gen.prompt_encoder,
     decode=jax.jit(functools.partial(generator_lib.decode_to_unit, gen.codec, geo)),
@@ -201,3 +204,16 @@ def load_policy(
     source=source,
     generator=gen,
   )
+
+
+def make_ode_sampler(graphdef: nnx.GraphDef, policy: TextToImage, sigmas: jax.Array):
+  """(trainable, frozen, prompt_embeds, pooled, noise) -> packed latents of the deterministic
+  (Euler ODE) samples that evaluation, galleries and `sample` use; `policy.decode` them
+  (outside the jit)."""
+
+  def sample(trainable, frozen, prompt_embeds, pooled, noise):
+    model = nnx.merge(graphdef, trainable, frozen)
+    velocity = policy.velocity(model, prompt_embeds, pooled)
+    return sample_ode(velocity, noise, sigmas)
+
+  return sample

@@ -15,9 +15,10 @@ from flax import nnx
 from spatial_jax import checkpoint, sharding
 from spatial_jax.configs_lib import load_config
 from spatial_jax.diffusion import generator as generator_lib
+from spatial_jax.diffusion import text_to_image
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
-from spatial_jax.rl import policy as policy_lib
-from spatial_jax.rl import steps, train
+from spatial_jax.jobs import grpo as grpo_job
+from spatial_jax.rl import loop, steps
 
 pytestmark = pytest.mark.slow  # End to end: GRPO job runs.
 
@@ -39,7 +40,7 @@ def _phases(config, mesh):
   """The policy and the jitted rollout / train step of `config` on `mesh`, plus one rollout of
   the two PROMPTS x group_size samples."""
   rules = sharding.resolve_rules(None)
-  policy = policy_lib.load_policy(config, mesh, rules)
+  policy = text_to_image.load_text_to_image(config, mesh, rules)
   graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
   n = config.sampling.num_steps
   sigmas = jnp.asarray(FlowMatchSchedule().sigmas(n, policy.geo.image_seq_len))
@@ -153,13 +154,13 @@ def test_rollout_initial_noise_is_per_sample_or_per_group(same):
 
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="topk"):
-    train.check_config(_config(topk=5), batch_shards=1)
+    loop.check_config(_config(topk=5), batch_shards=1)
   config = _config()
   config.train.num_minibatches = 3
   with pytest.raises(ValueError, match="num_minibatches"):
-    train.check_config(config, batch_shards=1)
+    loop.check_config(config, batch_shards=1)
   with pytest.raises(ValueError, match="batch shards"):
-    train.check_config(_config(prompts_per_step=3), batch_shards=8)
+    loop.check_config(_config(prompts_per_step=3), batch_shards=8)
   # The stochastic window: all steps but the last by default, checked against the step count.
   assert steps.sde_window(_config(), 10) == (0, 9)
   assert steps.trained_timesteps(_config(sde_window=(2, 6), timestep_fraction=0.5), 10) == (2, 3)
@@ -170,7 +171,7 @@ def test_config_errors_name_the_field():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("grpo"))
-  summary = train.run(load_config(CONFIG, "smoke"), workdir)
+  summary = grpo_job.run(load_config(CONFIG, "smoke"), workdir)
   return workdir, summary
 
 
@@ -209,7 +210,7 @@ def test_smoke_run_writes_metrics_gallery_checkpoints_and_a_generator(smoke):
 def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
   workdir, _ = smoke
   shutil.copytree(os.path.join(workdir, "checkpoints", "1"), tmp_path / "checkpoints" / "1")
-  summary = train.run(load_config(CONFIG, "smoke"), str(tmp_path))
+  summary = grpo_job.run(load_config(CONFIG, "smoke"), str(tmp_path))
   full, resumed = _history(workdir), _history(str(tmp_path))
   assert summary["step"] == 2 and sorted(resumed["train/loss"]) == [2]
   for name in ("train/loss", "train/reward_oracle", "train/reward_spatial_score", "train/kl"):
@@ -223,8 +224,8 @@ def test_scene_pool_run_evaluates_other_wordings_and_fresh_scenes(tmp_path):
   assert config.grpo.same_initial_noise and tuple(config.grpo.sde_window) == (0, 2)
   config.train.update(steps=1)
   config.eval.num_prompts = 3
-  summary = train.run(config, str(tmp_path))
-  source = train.prompt_source(config)
+  summary = grpo_job.run(config, str(tmp_path))
+  source = loop.prompt_source(config)
   # Held out: the pool's 2 scenes in their mirrored wording, then fresh scenes of the grammar.
   assert len(source.eval_prompts) == 3 and len(source.fresh_eval_prompts) == 3
   assert not set(source.fresh_eval_prompts) & set(source.train_pool)
@@ -240,7 +241,7 @@ def test_paper_config_without_weights_fails_clearly(tmp_path):
   config = load_config("configs/grpo_flux_dev.py")
   assert (config.grpo.group_size, config.grpo.topk, config.lora.rank) == (24, 6, 32)
   with pytest.raises(ValueError, match="config.model.pipeline is empty"):
-    train.run(config, str(tmp_path))
+    grpo_job.run(config, str(tmp_path))
 
 
 def test_grpo_climbs_a_dense_reward(tmp_path):
@@ -250,7 +251,7 @@ def test_grpo_climbs_a_dense_reward(tmp_path):
   config.reward.update(train_on="brightness", oracle=False, tiny_spatial_score=False)
   config.train.update(steps=8, lr=2e-2, checkpoint_every=8)
   config.eval.num_prompts = 2
-  summary = train.run(config, str(tmp_path))
+  summary = grpo_job.run(config, str(tmp_path))
   reward = _history(str(tmp_path))["train/reward_brightness"]
   early, late = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (6, 7, 8)])
   # The rollout mean of 16 noisy images moves by ~0.003 between steps without learning.

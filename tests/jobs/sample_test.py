@@ -9,7 +9,7 @@ from spatial_jax.configs_lib import load_config
 from spatial_jax.data import render, scenes
 from spatial_jax.data.prompts import synthetic_prompts
 from spatial_jax.diffusion import generator as generator_lib
-from spatial_jax.diffusion import sample_job
+from spatial_jax.jobs import sample
 
 pytestmark = pytest.mark.slow  # End to end: sample job runs.
 
@@ -30,7 +30,7 @@ def test_oracle_report_on_reference_renders_and_the_shuffled_control():
 
 def test_smoke_samples_every_prompt_deterministically(tmp_path):
   config = load_config("configs/sample.py", "smoke")
-  summary = sample_job.run(config, str(tmp_path / "a"))
+  summary = sample.run(config, str(tmp_path / "a"))
   assert summary["prompts"] == 6 and summary["images_per_prompt"] == 2
   rows = [json.loads(line) for line in open(tmp_path / "a" / "samples.jsonl")]
   assert len(rows) == 6 and all(len(r["files"]) == 2 and len(r["oracle"]) == 2 for r in rows)
@@ -44,7 +44,7 @@ def test_smoke_samples_every_prompt_deterministically(tmp_path):
 
   # Batching does not change a sample: its noise depends on (seed, prompt, image) only.
   config.batch_size = 2
-  sample_job.run(config, str(tmp_path / "b"))
+  sample.run(config, str(tmp_path / "b"))
   again = np.asarray(Image.open(tmp_path / "b" / rows[0]["files"][0]))
   assert np.abs(again.astype(int) - first.astype(int)).max() <= 1
   assert os.path.exists(tmp_path / "b" / "config.json")

@@ -36,10 +36,9 @@ from flax import nnx
 from spatial_jax import fileio, metrics, sharding
 from spatial_jax.data.prompts import PromptSource
 from spatial_jax.diffusion import generator as generator_lib
+from spatial_jax.diffusion import text_to_image
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
 from spatial_jax.models.flux import params as flux_params
-from spatial_jax.rl import policy as policy_lib
-from spatial_jax.rl import steps as steps_lib
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
-  policy = policy_lib.load_policy(config, mesh, rules, add_lora=False)
+  policy = text_to_image.load_text_to_image(config, mesh, rules, add_lora=False)
   if config.model.lora:
     with sharding.use_mesh(mesh, rules):
       flux_params.load_lora(policy.transformer, config.model.lora)
@@ -61,7 +60,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   ).eval_prompts
   n = config.images_per_prompt
   sigmas = FlowMatchSchedule().sigmas(config.sampling.num_steps, policy.geo.image_seq_len)
-  sample = jax.jit(steps_lib.make_eval_sampler(graphdef, policy, jnp.asarray(sigmas)))
+  sample = jax.jit(text_to_image.make_ode_sampler(graphdef, policy, jnp.asarray(sigmas)))
   logging.info("Sampling %d prompts x %d images (%s)", len(prompts), n, policy.source)
 
   start = time.time()

@@ -1,0 +1,301 @@
+"""One GRPO step as public phases: what the `grpo` job, the GRPO colab, `plan` and the benchmark
+all call, so the step exists once.
+
+  phases = jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
+  roll = rollout(phases, policy, trainable, frozen, step_prompts, key)   # SDE samples, decoded
+  scored = score(roll, reward_fns, config)                               # rewards, advantages
+  batches = minibatches(phases, roll, scored, config, step)              # kept samples, placed
+  trainable, opt_state, aux = update(phases, trainable, opt_state, frozen, batches)
+  scalars = step_scalars(aux, scored)                                    # what the step logs
+
+`jit_phases` jits the rollout, the train step and the deterministic (ODE) sampler with explicit
+input shardings (parameters by their logical names, batches split over `act_batch` along their
+sample axis, keys replicated) and the train step's outputs placed where its inputs were, the
+trainable state and optimizer state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spatial_jax import sharding
+from spatial_jax.data.prompts import PromptSource
+from spatial_jax.diffusion import generator as generator_lib
+from spatial_jax.diffusion import text_to_image
+from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.diffusion.sde import SDETrajectory
+from spatial_jax.diffusion.text_to_image import TextToImage
+from spatial_jax.rl import advantages as advantages_lib
+from spatial_jax.rl import grpo as grpo_lib
+from spatial_jax.rl import steps as steps_lib
+
+# The sample axis of each train-batch entry (the rollout's latents and log-probs lead with steps).
+BATCH_AXES = dict(latents=1, log_probs=1, advantages=0, mask=0, prompt_embeds=0, pooled=0)
+
+
+def check_config(config: Any, batch_shards: int) -> None:
+  """Clear errors for group and batch sizes that cannot work (before anything is built)."""
+  g, t = config.grpo, config.train
+  if g.group_size < 2:
+    raise ValueError(f"config.grpo.group_size={g.group_size}: a group needs >= 2 samples.")
+  if g.topk is not None and not 1 <= 2 * g.topk <= g.group_size:
+    raise ValueError(
+      f"config.grpo.topk={g.topk}: keeps the top-k and bottom-k of each group, so 2k must be "
+      f"in [2, group_size={g.group_size}] (None keeps all)."
+    )
+  kept = g.prompts_per_step * (g.group_size if g.topk is None else 2 * g.topk)
+  rollout = g.prompts_per_step * g.group_size
+  if rollout % batch_shards:
+    raise ValueError(
+      f"prompts_per_step x group_size = {rollout} samples must split over the {batch_shards} "
+      "batch shards of the mesh."
+    )
+  if kept % t.num_minibatches or (kept // t.num_minibatches) % batch_shards:
+    raise ValueError(
+      f"{kept} kept samples per step do not split into config.train.num_minibatches="
+      f"{t.num_minibatches} minibatches of a multiple of {batch_shards} (the batch shards)."
+    )
+
+
+def prompt_source(config: Any) -> PromptSource:
+  """Training prompts by step and the held-out evaluation prompts of a grpo config."""
+  return PromptSource(
+    seed=config.seed,
+    train_file=config.data.prompts,
+    eval_file=config.data.eval_prompts,
+    num_eval=config.eval.num_prompts,
+    grammar=dict(config.data.synthetic),
+    scene_pool=config.data.get("scene_pool", 0),
+    pool_phrasings=config.data.get("pool_phrasings", 4),
+  )
+
+
+# --- Jitting ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Phases:
+  """The jitted phases of a GRPO step and how to place their host inputs.
+
+  Attributes:
+    rollout: (trainable, frozen, prompt_embeds, pooled, key) -> SDETrajectory.
+    train: (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics); donates the
+      first two.
+    sample: (params, frozen, prompt_embeds, pooled, noise) -> packed latents (ODE, evaluation).
+    put: (host array, batch axis) -> the array on the mesh, split over `act_batch` on that axis.
+    sigmas / eval_sigmas: the rollout's and the evaluation's schedules.
+    timesteps: the trained SDE steps.
+    decode_chunk: images decoded per call (the reward batch, a multiple of the batch shards).
+    group_size: G, samples per prompt.
+  """
+
+  rollout: Callable[..., SDETrajectory]
+  train: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
+  sample: Callable[..., jax.Array]
+  put: Callable[..., jax.Array]
+  sigmas: jax.Array
+  eval_sigmas: jax.Array
+  timesteps: tuple[int, ...]
+  decode_chunk: int
+  group_size: int
+
+
+def jit_phases(
+  graphdef: Any,
+  trainable: Any,
+  frozen: Any,
+  policy: TextToImage,
+  tx: Any,
+  config: Any,
+  mesh: jax.sharding.Mesh,
+  rules: sharding.Rules,
+) -> Phases:
+  """The rollout, train step and evaluation sampler of `config`, jitted on `mesh` with explicit
+  shardings. `trainable` / `frozen` may be abstract (shapes only): nothing is run here."""
+  batch_shards = sharding.batch_shard_count(mesh, rules)
+  schedule = FlowMatchSchedule()
+  seq_len = policy.geo.image_seq_len
+  sigmas = jnp.asarray(schedule.sigmas(config.sampling.num_steps, seq_len))
+  eval_sigmas = jnp.asarray(schedule.sigmas(config.eval.num_steps, seq_len))
+  timesteps = steps_lib.trained_timesteps(config, config.sampling.num_steps)
+
+  def split(ndim: int, axis: int = 0) -> jax.sharding.NamedSharding:
+    names = [None] * ndim
+    names[axis] = "act_batch"
+    return sharding.named_sharding(mesh, tuple(names), rules)
+
+  def put(x: Any, batch_axis: int = 0) -> jax.Array:
+    return jax.device_put(x, split(np.ndim(x), batch_axis))
+
+  trainable_sh = sharding.state_shardings(trainable, mesh, rules)
+  frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+  replicated = sharding.named_sharding(mesh, (), rules)
+  embeds_sh = (split(3), split(2))  # prompt_embeds (B, T, D), pooled (B, P)
+  batch_sh = {
+    "latents": split(4, 1),
+    "log_probs": split(2, 1),
+    "advantages": split(1),
+    "mask": split(1),
+    "prompt_embeds": embeds_sh[0],
+    "pooled": embeds_sh[1],
+  }
+  rollout_fn = jax.jit(
+    steps_lib.make_rollout(graphdef, policy, sigmas, config),
+    in_shardings=(trainable_sh, frozen_sh, *embeds_sh, replicated),
+  )
+  train_fn = jax.jit(
+    steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config),
+    in_shardings=(trainable_sh, None, frozen_sh, batch_sh),
+    out_shardings=(trainable_sh, None, None),
+    donate_argnums=(0, 1),
+  )
+  sample_fn = jax.jit(
+    text_to_image.make_ode_sampler(graphdef, policy, eval_sigmas),
+    in_shardings=(trainable_sh, frozen_sh, *embeds_sh, split(3)),
+  )
+  return Phases(
+    rollout=rollout_fn,
+    train=train_fn,
+    sample=sample_fn,
+    put=put,
+    sigmas=sigmas,
+    eval_sigmas=eval_sigmas,
+    timesteps=timesteps,
+    decode_chunk=-(-config.reward.batch_size // batch_shards) * batch_shards,
+    group_size=config.grpo.group_size,
+  )
+
+
+# --- The phases of one step ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One step's samples: P prompts x G SDE samples (each prompt's G adjacent)."""
+
+  prompts: list[str]  # (P,)
+  group_prompts: list[str]  # (P * G,)
+  prompt_embeds: jax.Array  # (P * G, T, D), on the mesh
+  pooled: jax.Array  # (P * G, P_dim)
+  trajectory: SDETrajectory
+  images: np.ndarray  # (P * G, H, W, 3) uint8
+
+
+@dataclasses.dataclass
+class Scored:
+  """Every reward of a rollout and the group advantages of the trained one."""
+
+  rewards: dict[str, np.ndarray]  # name -> (P * G,)
+  reward: jax.Array  # (P, G): the one `reward.train_on` names
+  advantages: jax.Array  # (P, G)
+  mask: jax.Array  # (P, G) bool: the kept (trained) samples
+
+
+def rollout(
+  phases: Phases,
+  policy: TextToImage,
+  trainable: Any,
+  frozen: Any,
+  step_prompts: Sequence[str],
+  key: jax.Array,
+) -> Rollout:
+  """Prompts -> G SDE samples per prompt (no gradients) -> decoded uint8 images (in chunks: a
+  VAE decode of P x G large images at once is costly)."""
+  G = phases.group_size
+  group_prompts = [p for p in step_prompts for _ in range(G)]
+  prompt_embeds, pooled = (
+    phases.put(jnp.repeat(x, G, axis=0)) for x in policy.encode(list(step_prompts))
+  )
+  traj = phases.rollout(trainable, frozen, prompt_embeds, pooled, key)
+  n, chunk = len(group_prompts), phases.decode_chunk
+  images = np.concatenate(
+    [
+      generator_lib.unit_to_uint8(policy.decode(traj.latents[-1][i : i + chunk]))
+      for i in range(0, n, chunk)
+    ]
+  )
+  return Rollout(list(step_prompts), group_prompts, prompt_embeds, pooled, traj, images)
+
+
+def score(roll: Rollout, reward_fns: Mapping[str, Callable], config: Any) -> Scored:
+  """Every reward on the decoded images; top-k group advantages of `reward.train_on`'s."""
+  g = config.grpo
+  rewards = {
+    name: np.asarray(fn(roll.images, roll.group_prompts)) for name, fn in reward_fns.items()
+  }
+  reward = jnp.asarray(rewards[config.reward.train_on]).reshape(len(roll.prompts), -1)
+  advantages, mask = advantages_lib.topk_group_advantages(
+    reward, g.topk, stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
+  )
+  return Scored(rewards, reward, advantages, mask)
+
+
+def minibatches(
+  phases: Phases, roll: Rollout, scored: Scored, config: Any, step: int
+) -> list[dict[str, jax.Array]]:
+  """The kept samples in `train.num_minibatches` train batches, shuffled by (seed, step) and
+  placed on the mesh (`BATCH_AXES` says each entry's sample axis)."""
+  kept = np.flatnonzero(np.asarray(scored.mask).reshape(-1))
+  order = np.random.default_rng((config.seed, step)).permutation(kept)
+  traj, advantages = roll.trajectory, np.asarray(scored.advantages).reshape(-1)
+  batches = []
+  for idx in np.array_split(order, config.train.num_minibatches):
+    rows = dict(
+      latents=traj.latents[:, idx],
+      log_probs=traj.log_probs[:, idx],
+      advantages=advantages[idx],
+      mask=np.ones(len(idx), bool),
+      prompt_embeds=roll.prompt_embeds[idx],
+      pooled=roll.pooled[idx],
+    )
+    batches.append({k: phases.put(v, BATCH_AXES[k]) for k, v in rows.items()})
+  return batches
+
+
+def update(
+  phases: Phases, trainable: Any, opt_state: Any, frozen: Any, batches: Sequence[dict]
+) -> tuple[Any, Any, dict[str, Any]]:
+  """One optimizer update per minibatch; returns the new states and the merged metrics."""
+  step_metrics = []
+  for batch in batches:
+    trainable, opt_state, aux = phases.train(trainable, opt_state, frozen, batch)
+    step_metrics.append(aux)
+  jax.block_until_ready(trainable)
+  return trainable, opt_state, merge_minibatch_metrics(jax.device_get(step_metrics))
+
+
+def merge_minibatch_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The train step's metrics over minibatches: `finite` all, the ratio extremes min / max (as
+  the step reduces them over timesteps, `steps.MIN_METRICS` / `MAX_METRICS`), the rest mean."""
+  merged = {}
+  for k in rows[0]:
+    values = np.stack([np.asarray(r[k]) for r in rows])
+    if k == "finite":
+      merged[k] = bool(values.all())
+    elif k in steps_lib.MIN_METRICS:
+      merged[k] = values.min()
+    elif k in steps_lib.MAX_METRICS:
+      merged[k] = values.max()
+    else:
+      merged[k] = values.mean()
+  return merged
+
+
+def step_scalars(aux: Mapping[str, Any], scored: Scored) -> dict[str, float]:
+  """What a step logs: the train metrics, every reward's rollout mean, the kept samples' reward
+  statistics, and how many groups tie (Flow-GRPO's zero_std_ratio: tied groups teach nothing)."""
+  scalars = {f"train/{k}": float(v) for k, v in aux.items()}
+  scalars["train/kept_fraction"] = float(np.mean(scored.mask))  # Of the rollout.
+  scalars.update({f"train/reward_{k}": float(np.mean(v)) for k, v in scored.rewards.items()})
+  kept_stats = grpo_lib.reward_metrics(scored.reward.reshape(-1), scored.mask.reshape(-1))
+  scalars.update({f"train/{k}": float(v) for k, v in kept_stats.items()})
+  group_std = np.asarray(scored.reward).std(axis=1)
+  scalars["train/zero_std_ratio"] = float(np.mean(group_std == 0))
+  scalars["train/group_reward_std"] = float(np.mean(group_std))
+  return scalars
