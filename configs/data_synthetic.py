@@ -25,6 +25,8 @@ def get_config(arg=None):
   config.max_objects = 4
   # Long prompts (3-4 relations) matter: the paper stresses them.
   config.max_relations = 4
+  # Layouts drawn per image, keeping the one that separates related objects most (1: any).
+  config.layout_candidates = 1
   # Pairs shown in gallery.png (chosen above rejected).
   config.gallery_pairs = 16
   # Check every written pair with the oracle (chosen must score 1, rejected < 1).

@@ -49,6 +49,7 @@ def get_config(arg=None):
       min_objects=2,
       max_objects=4,
       max_relations=4,
+      layout_candidates=1,  # > 1: layouts that separate related objects most.
       gallery_pairs=16,
       verify_with_oracle=False,
       log_every_secs=30.0,

@@ -116,8 +116,14 @@ def _overlaps(centres, sides, related_pairs, gap) -> bool:
   return False
 
 
-def solve_layout(scene: scenes.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+def solve_layout(
+  scene: scenes.Scene, size: int, rng: np.random.Generator, candidates: int = 1
+) -> np.ndarray:
   """Boxes (n, 4) as (centre x, centre y, width, height) in pixels satisfying every relation.
+
+  With `candidates` = k > 1, k layouts are drawn and the one whose related objects stand
+  furthest apart (the largest smallest gap between the boxes of a relation, along its axis) is
+  kept: layouts that state their relations plainly. k = 1 draws exactly what it always drew.
 
   Raises:
     ValueError: if the relations contradict each other or the scene cannot fit in `size` pixels.
@@ -126,6 +132,25 @@ def solve_layout(scene: scenes.Scene, size: int, rng: np.random.Generator) -> np
     raise ValueError(
       f"Scene relations are contradictory (a cycle of left/right or above/below): {scene}"
     )
+  if candidates < 1:
+    raise ValueError(f"candidates={candidates}: draw at least one layout.")
+  layouts = [_draw_layout(scene, size, rng) for _ in range(candidates)]
+  if candidates == 1:
+    return layouts[0]
+  return max(layouts, key=lambda boxes: _smallest_relation_gap(scene, boxes))
+
+
+def _smallest_relation_gap(scene: scenes.Scene, boxes: np.ndarray) -> float:
+  """The smallest gap, in pixels, between the boxes of a related pair along its axis."""
+  gaps = [np.inf]
+  for axis, dim in (("x", 0), ("y", 1)):
+    for a, b in scenes.axis_edges(scene, axis):
+      extent = (boxes[a, 2 + dim] + boxes[b, 2 + dim]) / 2
+      gaps.append(boxes[b, dim] - boxes[a, dim] - extent)
+  return float(min(gaps))
+
+
+def _draw_layout(scene: scenes.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
   n = len(scene.objects)
   edges = {axis: scenes.axis_edges(scene, axis) for axis in "xy"}
   related_pairs = {tuple(sorted((r.subject, r.object))) for r in scene.relations}
@@ -207,8 +232,11 @@ def _fill_polygon(labels: np.ndarray, polygon: np.ndarray, value: int) -> None:
   labels[y0:y1, x0:x1][inside] = value
 
 
-def render_scene(scene: scenes.Scene, *, size: int = 64, seed: int = 0) -> np.ndarray:
+def render_scene(
+  scene: scenes.Scene, *, size: int = 64, seed: int = 0, layout_candidates: int = 1
+) -> np.ndarray:
   """Draws an image in which every relation of `scene` holds; deterministic per `seed`.
+  `layout_candidates` > 1 keeps the layout that separates related objects most (`solve_layout`).
 
   Returns:
     uint8 array (size, size, 3).
@@ -219,7 +247,7 @@ def render_scene(scene: scenes.Scene, *, size: int = 64, seed: int = 0) -> np.nd
   if size < 16:
     raise ValueError(f"Image size must be at least 16 pixels, got {size}.")
   rng = np.random.default_rng(seed)
-  boxes = solve_layout(scene, size, rng)
+  boxes = solve_layout(scene, size, rng, layout_candidates)
   label_array = np.zeros((size, size), dtype=np.int64)
   for k, (obj, box) in enumerate(zip(scene.objects, boxes, strict=True)):
     _fill_polygon(label_array, _outline(obj.shape, box, rng), k + 1)

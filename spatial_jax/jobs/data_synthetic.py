@@ -52,8 +52,11 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
   perturbed, change = perturb.perturb_scene(scene, rng)
   perturbed_prompt = scenes.scene_to_prompt(perturbed, np.random.default_rng(template_seed))
   chosen_seed, rejected_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
-  chosen = render.render_scene(scene, size=config.image_size, seed=chosen_seed)
-  rejected = render.render_scene(perturbed, size=config.image_size, seed=rejected_seed)
+  k = config.get("layout_candidates", 1)
+  chosen = render.render_scene(scene, size=config.image_size, seed=chosen_seed, layout_candidates=k)
+  rejected = render.render_scene(
+    perturbed, size=config.image_size, seed=rejected_seed, layout_candidates=k
+  )
   name = lambda i: scene.objects[i].name  # noqa: E731
   before, after = change.before, change.after
   return dict(
@@ -141,17 +144,27 @@ def _gallery(
 
 # Fields that decide what pair i looks like. A rerun into the same folder must use the same
 # values, or the folder would mix pairs of two worlds while skipping the ids it already has.
-GENERATOR_FIELDS = ("seed", "image_size", "min_objects", "max_objects", "max_relations")
+GENERATOR_FIELDS = (
+  "seed",
+  "image_size",
+  "min_objects",
+  "max_objects",
+  "max_relations",
+  "layout_candidates",
+)
+# What a folder recorded before a field existed meant.
+_FIELD_DEFAULTS = {"layout_candidates": 1}
 _GENERATOR_FILE = "generator.json"
 
 
 def _check_generator_fields(config: Any, workdir: str) -> None:
-  fields = {name: config[name] for name in GENERATOR_FIELDS}
+  fields = {name: config.get(name, _FIELD_DEFAULTS.get(name)) for name in GENERATOR_FIELDS}
   path = os.path.join(workdir, _GENERATOR_FILE)
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
-    differ = {k: (recorded.get(k), v) for k, v in fields.items() if recorded.get(k) != v}
+    recorded = {k: recorded.get(k, _FIELD_DEFAULTS.get(k)) for k in GENERATOR_FIELDS}
+    differ = {k: (recorded[k], v) for k, v in fields.items() if recorded[k] != v}
     if differ:
       raise ValueError(
         f"{workdir} holds pairs made with other settings (recorded -> now: {differ}); "

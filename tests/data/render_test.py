@@ -82,3 +82,25 @@ def test_contradictory_or_tiny_scenes_raise():
     render.render_scene(_chain_scene(), size=8)
   with pytest.raises(ValueError, match="Cannot fit"):
     render.render_scene(_chain_scene(), size=16)
+
+
+def test_layout_candidates_keep_the_most_separated_layout():
+  rng = np.random.default_rng(3)
+  gaps = {1: [], 8: []}
+  for i in range(40):
+    scene = scenes.sample_scene(rng, min_objects=2, max_objects=3, max_relations=2)
+    for k in gaps:
+      boxes = render.solve_layout(scene, 32, np.random.default_rng(i), k)
+      gaps[k].append(render._smallest_relation_gap(scene, boxes))
+    # The first of the k draws is the k = 1 layout, so the kept one is never closer.
+    assert gaps[8][-1] >= gaps[1][-1]
+    image = render.render_scene(scene, size=32, seed=i, layout_candidates=8)
+    assert oracle.check_scene(image, scene).fraction == 1.0
+  assert np.mean(gaps[8]) > np.mean(gaps[1]) + 3.0  # Pixels, at 32 x 32.
+  # One candidate is the renderer's own draw, bit for bit.
+  assert np.array_equal(
+    render.render_scene(scene, size=32, seed=5, layout_candidates=1),
+    render.render_scene(scene, size=32, seed=5),
+  )
+  with pytest.raises(ValueError, match="candidates"):
+    render.solve_layout(scene, 32, np.random.default_rng(0), 0)

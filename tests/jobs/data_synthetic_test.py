@@ -1,6 +1,7 @@
 """The data_synthetic job: determinism, resume after an interruption, validity."""
 
 import filecmp
+import json
 import os
 
 import numpy as np
@@ -77,3 +78,15 @@ def test_rerun_with_other_generator_settings_is_refused(tmp_path):
   with pytest.raises(ValueError, match="not both 0"):
     data_synthetic.run(_config(num_train=0, num_test=0), str(tmp_path / "empty"))
   assert len(pairs.read_pairs(tmp_path)) == 16  # Nothing written was lost.
+
+
+def test_layout_candidates_are_recorded_and_older_folders_read_as_one(tmp_path):
+  data_synthetic.run(_config(), str(tmp_path))
+  record = tmp_path / "generator.json"
+  fields = json.loads(record.read_text())
+  assert fields["layout_candidates"] == 1
+  del fields["layout_candidates"]  # A folder written before the field existed.
+  record.write_text(json.dumps(fields))
+  data_synthetic.run(_config(), str(tmp_path))  # Same settings: accepted.
+  with pytest.raises(ValueError, match=r"layout_candidates.*\(1, 8\)"):
+    data_synthetic.run(_config(layout_candidates=8), str(tmp_path))
