@@ -213,3 +213,29 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     "Wrote %d new pairs (%d in %s) in %.1f s", written, len(records), workdir, stats["seconds"]
   )
   return stats
+
+
+def ensure_pairs(config: Any, workdir: str) -> str:
+  """A training job's pairs: `config.data.pairs`, or (when empty) synthetic pairs of
+  `config.data.synthetic` built once into `<workdir>/pairs` (by process 0; every process then
+  checks that it sees them, so the workdir must be shared)."""
+  if config.data.pairs:
+    return config.data.pairs
+  import jax
+  import ml_collections
+
+  folder = os.path.join(workdir, "pairs")
+  data_config = ml_collections.ConfigDict(dict(config.data.synthetic))
+  data_config.seed = config.seed
+  run(data_config, folder)  # Writes from process 0 only.
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("spatial_jax.jobs.data_synthetic:ensure_pairs")
+    if not os.path.exists(os.path.join(folder, pairs.PAIRS_FILE)):
+      raise FileNotFoundError(
+        f"Process {jax.process_index()} cannot see the synthetic pairs process 0 wrote to "
+        f"{folder}: the workdir must be a folder every process shares (or set config.data.pairs "
+        "to a pairs folder each process can read)."
+      )
+  return folder

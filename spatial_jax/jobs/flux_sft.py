@@ -63,22 +63,7 @@ from spatial_jax.diffusion.generator import (
   oracle_scores,
   unit_to_uint8,
 )
-
-
-def ensure_pairs(config: Any, workdir: str) -> str:
-  """`config.data.pairs`, or (when empty) synthetic pairs built once into `<workdir>/pairs`."""
-  if config.data.pairs:
-    return config.data.pairs
-  import ml_collections
-
-  from spatial_jax.jobs import data_synthetic
-
-  folder = os.path.join(workdir, "pairs")
-  data_config = ml_collections.ConfigDict(dict(config.data.synthetic))
-  data_config.seed = config.seed
-  data_synthetic.run(data_config, folder)
-  return folder
-
+from spatial_jax.jobs import data_synthetic
 
 # --- Galleries ------------------------------------------------------------------------------------
 
@@ -160,7 +145,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     logging.info("T5 trains with the transformer: %.3fM parameters", count(t5_params) / 1e6)
 
   # -- Data ----------------------------------------------------------------------------------
-  pairs_dir = ensure_pairs(config, workdir)
+  pairs_dir = data_synthetic.ensure_pairs(config, workdir)
   train_iter = pair_loader.make_pairs_loader(
     pairs_dir,
     split=config.data.train_split,

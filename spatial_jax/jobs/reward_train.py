@@ -20,37 +20,10 @@ from flax import nnx
 
 from spatial_jax import checkpoint, metrics, sharding
 from spatial_jax.data import loader as pair_loader
-from spatial_jax.data import pairs as pairs_lib
+from spatial_jax.jobs import data_synthetic
 from spatial_jax.reward import build, evaluate, grounding
 from spatial_jax.reward.model import trainable_filter
 from spatial_jax.reward.step import image_place_spec, make_optimizer, make_train_step
-
-
-def ensure_pairs(config: Any, workdir: str) -> str:
-  """`config.data.pairs`, or (when empty) synthetic pairs built once into `<workdir>/pairs`."""
-  if config.data.pairs:
-    return config.data.pairs
-  if config.model.pretrained:
-    raise ValueError("config.data.pairs must name a pairs folder when training a real model.")
-  import ml_collections
-
-  from spatial_jax.jobs import data_synthetic
-
-  folder = os.path.join(workdir, "pairs")
-  data_config = ml_collections.ConfigDict(dict(config.data.synthetic))
-  data_config.seed = config.seed
-  data_synthetic.run(data_config, folder)  # Writes from process 0 only.
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("spatial_jax.jobs.reward_train:pairs")
-    if not os.path.exists(os.path.join(folder, pairs_lib.PAIRS_FILE)):
-      raise FileNotFoundError(
-        f"Process {jax.process_index()} cannot see the synthetic pairs process 0 wrote to "
-        f"{folder}: the workdir must be a folder every process shares (or set config.data.pairs "
-        "to a pairs folder each process can read)."
-      )
-  return folder
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -85,7 +58,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   # -- Data ----------------------------------------------------------------------------------
   image_size = config.data.image_size
-  pairs_dir = ensure_pairs(config, workdir)
+  if not config.data.pairs and config.model.pretrained:
+    raise ValueError("config.data.pairs must name a pairs folder when training a real model.")
+  pairs_dir = data_synthetic.ensure_pairs(config, workdir)
   train_iter = pair_loader.make_pairs_loader(
     pairs_dir,
     split=config.data.train_split,
