@@ -75,7 +75,7 @@ def evaluate(eval_fn, params, rest, batch, ridge: float) -> tuple[dict[str, floa
   aux.pop("predicted")
   scalars = {k: float(v) for k, v in aux.items()}
   probe = text_pretrain.probe_accuracy(
-    features, batch["targets"], batch["target_mask"], ridge=ridge
+    features, batch["targets"], batch["target_mask"], ridge=ridge, colour=batch["colour"]
   )
   return scalars, probe
 
@@ -92,6 +92,7 @@ def random_baseline(config: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]
     batch["targets"],
     batch["target_mask"],
     ridge=config.probe.ridge,
+    colour=batch["colour"],
   )
 
 
@@ -124,7 +125,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   t5_config = synthetic.t5_config(**config.model.t5)
   model = sharding.create_sharded(
     lambda: text_pretrain.Pretrainer(
-      t5_config, position_bias_std=config.model.position_bias_std, rngs=nnx.Rngs(config.seed)
+      t5_config,
+      position_bias_std=config.model.position_bias_std,
+      parse_readout=config.model.get("parse_readout", "linear"),
+      parse_scale=config.model.get("parse_scale", 1.0),
+      rngs=nnx.Rngs(config.seed),
     ),
     mesh,
     rules,
@@ -189,7 +194,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     with sharding.use_mesh(mesh, rules):
       scalars, probe = evaluate(p_eval, params, rest, held_out_device, config.probe.ridge)
     row = {f"eval/{k}": v for k, v in scalars.items()}
-    row.update({f"eval/probe_{a}": probe[a] for a in (*text_pretrain.AXES, "mean")})
+    row.update({f"eval/probe_{a}": probe[a] for a in (*text_pretrain.AXES, "mean", "colour")})
     writer.write_scalars(step, row)
     history.add(step, row)
     logging.info("step %d: held-out %s, probe %s", step, scalars, probe)
@@ -226,7 +231,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # -- Probe, export and report --------------------------------------------------------------
   scalars, probe = write_eval(step)
   baseline = random_baseline(config, held_out)
-  axes = (*text_pretrain.AXES, "mean")
+  axes = (*text_pretrain.AXES, "mean", "colour")
   probe_scalars = {f"probe/pretrained_{a}": probe[a] for a in axes}
   writer.write_scalars(step, {**probe_scalars, **{f"probe/random_{a}": baseline[a] for a in axes}})
   writer.flush()

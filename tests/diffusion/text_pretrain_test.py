@@ -157,3 +157,48 @@ def test_bad_train_config_is_named(bad, tmp_path):
   config.train.update(bad)
   with pytest.raises(ValueError, match=f"config.train.{next(iter(bad))}"):
     text_encoder_synthetic.run(config, str(tmp_path))
+
+
+def test_colour_probe_reads_a_colour_code_and_not_noise():
+  rng = np.random.default_rng(0)
+  n, length, dim = 200, 6, 8
+  colour = rng.integers(0, 7, (n, length)).astype(np.int32)
+  mask = rng.random((n, length)) < 0.5
+  noise = rng.normal(size=(n, length, dim))
+  coded = noise + 3 * np.eye(dim)[colour]
+  assert text_pretrain.colour_probe_accuracy(coded, colour, mask) > 0.9
+  assert text_pretrain.colour_probe_accuracy(noise, colour, mask) < 0.3
+
+
+def test_fixed_readout_learns_layout_and_colour_in_their_own_features():
+  config = synthetic.t5_config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+  with nnx.use_eager_sharding(False):
+    model = text_pretrain.Pretrainer(
+      config, parse_readout="fixed", parse_scale=2.0, rngs=nnx.Rngs(0)
+    )
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  train = ml_collections.ConfigDict(
+    dict(lr=3e-3, warmup_steps=1, steps=80, end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0)
+  )
+  tx = text_pretrain.make_optimizer(train)
+  opt_state = tx.init(params)
+  step = jax.jit(text_pretrain.make_train_step(graphdef, tx, 0.0))
+  batch = text_pretrain.make_batch(0, 1, 8, DATA, mlm_rate=0.0)
+  first = None
+  for _ in range(80):
+    params, opt_state, aux = step(params, opt_state, rest, batch)
+    first = first or {k: float(v) for k, v in aux.items()}
+  assert float(aux["parse_loss"]) < 0.3 * first["parse_loss"]
+  assert float(aux["colour_loss"]) < 0.3 * first["colour_loss"]
+  assert float(aux["colour_accuracy"]) == 1.0
+  # The readout is the features themselves: the first two at 2x the layout targets.
+  features = nnx.merge(graphdef, params, rest).encoder(batch["ids"])
+  at = batch["target_mask"] > 0
+  error = np.asarray(features)[..., :2][at] / 2.0 - batch["targets"][at]
+  assert float(np.mean(error**2)) == pytest.approx(float(aux["parse_loss"]), rel=0.2, abs=0.01)
+
+
+def test_unknown_parse_readout_is_named():
+  config = synthetic.t5_config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+  with pytest.raises(ValueError, match="parse_readout='probe'"):
+    text_pretrain.Pretrainer(config, parse_readout="probe", rngs=nnx.Rngs(0))
