@@ -1,13 +1,16 @@
 """Job `quickstart`: the synthetic world end to end, one stage after another in one workdir.
 
-  pairs/       data_synthetic: (prompt, chosen, rejected) pairs
-  reward/      reward_train: SpatialScore on the pairs
-  generator/   flux_sft: the tiny FLUX base generator on the pairs' chosen images
-  grpo/        grpo: the generator + LoRA fine-tuned with the configured reward
-  report.md    what each stage reached and took, before/after GRPO, curves and galleries
+  pairs/         data_synthetic: (prompt, chosen, rejected) pairs
+  text_encoder/  text_encoder_synthetic: the tiny T5 pretrained on the grammar, which the
+                 generator reads (frozen), as FLUX reads T5-XXL
+  reward/        reward_train: SpatialScore on the pairs
+  generator/     flux_sft: the tiny FLUX base generator on the pairs' chosen images
+  grpo/          grpo: the generator + LoRA fine-tuned with the configured reward
+  report.md      what each stage reached and took, before/after GRPO, curves and galleries
 
-Each stage is a job of its own with its own config section (`config.data`, `config.reward`,
-`config.generator`, `config.grpo`: the stage configs of configs/*.py); the quickstart only
+Each stage is a job of its own with its own config section (`config.data`,
+`config.text_encoder`, `config.reward`, `config.generator`, `config.grpo`: the stage configs of
+configs/*.py); the quickstart only
 wires their folders together. A stage whose `summary.json` exists is done and is not rerun;
 an interrupted stage resumes from its checkpoints, so rerunning the command continues.
 """
@@ -23,7 +26,7 @@ from absl import logging
 
 from spatial_jax import fileio, metrics
 
-STAGES = ("pairs", "reward", "generator", "grpo")
+STAGES = ("pairs", "text_encoder", "reward", "generator", "grpo")
 
 
 def _summary(folder: str, name: str = "summary.json") -> dict[str, Any] | None:
@@ -47,8 +50,8 @@ def _stage(workdir: str, name: str, run, config: Any, done_file: str = "summary.
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Runs the four stages (see the module docstring) and writes report.md; returns its data."""
-  from spatial_jax.jobs import data_synthetic, flux_sft, reward_train
+  """Runs the stages (see the module docstring) and writes report.md; returns its data."""
+  from spatial_jax.jobs import data_synthetic, flux_sft, reward_train, text_encoder_synthetic
   from spatial_jax.jobs import grpo as grpo_job
 
   os.makedirs(workdir, exist_ok=True)
@@ -58,9 +61,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   _, seconds["pairs"] = _stage(
     workdir, "pairs", data_synthetic.run, config.data, done_file="stats.json"
   )
+  text_encoder, seconds["text_encoder"] = _stage(
+    workdir, "text_encoder", text_encoder_synthetic.run, config.text_encoder
+  )
   config.reward.data.pairs = pairs
   reward, seconds["reward"] = _stage(workdir, "reward", reward_train.run, config.reward)
   config.generator.data.pairs = pairs
+  config.generator.text.t5_pretrained = os.path.join(workdir, "text_encoder", "final")
   generator, seconds["generator"] = _stage(workdir, "generator", flux_sft.run, config.generator)
   config.grpo.model.generator = os.path.join(workdir, "generator", "final")
   config.grpo.reward.spatial_score = os.path.join(workdir, "reward")
@@ -68,6 +75,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   report = dict(
     seconds={k: round(v, 1) for k, v in seconds.items()},
+    text_encoder=text_encoder,
     reward=reward,
     generator=generator,
     grpo=grpo,
@@ -114,6 +122,8 @@ def render_report(report: dict[str, Any], config: Any) -> str:
   grpo = report.get("grpo") or {}
   before, after = grpo.get("before") or {}, grpo.get("after") or {}
   gen_gallery = (report.get("generator") or {}).get("gallery", {})
+  probe = (report.get("text_encoder") or {}).get("probe", {})
+  trained, random = probe.get("pretrained", {}), probe.get("random", {})
   lines = [
     "# Quickstart report: the synthetic world end to end",
     "",
@@ -123,6 +133,18 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "|---|---|",
     *(f"| {stage} | {seconds.get(stage, 0.0):.0f} |" for stage in STAGES),
     f"| total | {sum(seconds.values()):.0f} |",
+    "",
+    "## Text encoder (text_encoder/)",
+    "",
+    "Probes of the frozen features at each colour word, held-out prompts: the sign of the",
+    "object's place on each axis (linear) and its colour (nearest class mean):",
+    "",
+    "| T5 | x | y | colour |",
+    "|---|---|---|---|",
+    *(
+      f"| {name} | " + " | ".join(_fmt(p.get(k)) for k in ("x", "y", "colour")) + " |"
+      for name, p in (("pretrained", trained), ("random (for comparison)", random))
+    ),
     "",
     "## SpatialScore (reward/)",
     "",

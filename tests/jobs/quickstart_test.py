@@ -6,6 +6,7 @@ import os
 import pytest
 
 from spatial_jax.configs_lib import load_config
+from spatial_jax.diffusion import synthetic
 from spatial_jax.jobs import quickstart
 
 pytestmark = pytest.mark.slow  # End to end: every stage of the quickstart.
@@ -22,6 +23,13 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   assert grpo_config["reward"]["spatial_score"] == str(tmp_path / "reward")
   assert grpo_config["model"]["generator"] == str(tmp_path / "generator" / "final")
   assert grpo_config["reward"]["train_on"] == "oracle_soft" and grpo_config["data"]["scene_pool"]
+  # The generator read the T5 the text-encoder stage pretrained.
+  generator_config = json.loads((tmp_path / "generator" / "config.json").read_text())
+  assert generator_config["text"]["t5_pretrained"] == str(tmp_path / "text_encoder" / "final")
+  encoders = tmp_path / "generator" / "final" / "text_encoders" / synthetic.ENCODERS_CONFIG
+  assert json.loads(encoders.read_text())["t5_pretrained"] == str(
+    tmp_path / "text_encoder" / "final"
+  )
   # The pool's scenes in held-out wordings (eval/) and fresh scenes (eval_fresh/).
   metrics = ("oracle", "oracle_objects", "oracle_perturbed", "oracle_soft", "spatial_score")
   # Besides these, short (one-relation) and long prompts separately where a set has them.
@@ -32,6 +40,8 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   text = (tmp_path / "report.md").read_text()
   assert "| eval/oracle |" in text and "| eval_fresh/oracle |" in text
   assert "Held-out pairwise accuracy: 0." in text and "a pool of 2 scenes" in text
+  probe = report["text_encoder"]["probe"]["pretrained"]
+  assert f"| pretrained | {probe['x']:.3f} | {probe['y']:.3f} | {probe['colour']:.3f} |" in text
   # The held-out curve: the evaluation before training (step 0) and after the last step.
   curve = report["grpo_curve"]
   assert curve["eval/oracle"] == [
