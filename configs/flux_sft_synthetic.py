@@ -17,8 +17,9 @@ generator for GRPO (`generator.load_generator`). Resumes from the workdir's late
   python -m spatial_jax.main --config configs/flux_sft_synthetic.py --workdir workdirs/flux_sft_j \
     --config.text.t5_trainable=True
 
-Which encoder the generator reads changes its objects, not (at 1,500 steps) its layouts:
-docs/results/generator_text_encoder.md.
+On the random T5 the layouts ignore the relation words; on the T5 of
+configs/text_encoder_synthetic.py (colour and place of each colour word) they follow them in
+part: docs/results/generator_text_encoder.md (the quickstart trains that T5 first).
 
 What it reaches (2-core CPU, 1.8M-parameter transformer, ~0.55 s a step of 32 images: 1500
 steps in ~15 min on an idle machine; the data build takes ~2.5 min more). On 128 held-out

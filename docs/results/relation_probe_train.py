@@ -10,7 +10,7 @@ the word, by 0 when it ignores it.
 
   --prompts fixed   4 colour pairs (red/blue, green/yellow, orange/purple, blue/green), always
                     a circle and a square: 8 prompts, 200 layouts each (can it at all?)
-  --prompts many    random colours and shapes: 8,000 scenes (does it compose?)
+  --prompts many    8,000 scenes of random colours and shapes (does it compose?)
   --features t5     the generator's T5 (random, or --t5 PATH: a text_encoder_synthetic final/)
              hand   oracle features instead of T5: at each colour word its colour one-hot and
                     its side (+3 left, -3 right), zeros elsewhere
@@ -56,11 +56,28 @@ def scene(ca: str, sa: str, cb: str, sb: str, relation: str) -> scenes.Scene:
   return scenes.Scene(objects, (scenes.Relation(0, relation, 1),))
 
 
-def object_pairs(kind: str, count: int, rng: np.random.Generator) -> list[tuple[str, ...]]:
+def training_set(kind: str, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+  """`fixed`: 200 layouts of each of the 8 prompts; `many`: 8,000 scenes of random colours and
+  shapes, "left of" and "right of" in turn. Image i is rendered with seed i."""
+  items = []
   if kind == "fixed":
-    return [(a, "circle", b, "square") for a, b in FIXED_PAIRS for _ in range(count // 4)]
-  out = []
-  for _ in range(count):
+    for a, b in FIXED_PAIRS:
+      items += [(a, "circle", b, "square", relation) for relation in RELATIONS for _ in range(200)]
+  else:
+    for i in range(8000):
+      c, s = rng.choice(len(COLOURS), 2, replace=False), rng.choice(len(scenes.SHAPES), 2)
+      pair = (COLOURS[c[0]], scenes.SHAPES[s[0]], COLOURS[c[1]], scenes.SHAPES[s[1]])
+      items.append((*pair, RELATIONS[i % 2]))
+  images = [render.render_scene(scene(*item), size=32, seed=i) for i, item in enumerate(items)]
+  return [prompt(*item) for item in items], np.stack(images)
+
+
+def probe_pairs(kind: str) -> list[tuple[str, ...]]:
+  """The probe's 64 object pairs (each sampled with both relations)."""
+  if kind == "fixed":
+    return [(*FIXED_PAIRS[i % 4][:1], "circle", FIXED_PAIRS[i % 4][1], "square") for i in range(64)]
+  rng, out = np.random.default_rng(1), []
+  for _ in range(64):
     c, s = rng.choice(len(COLOURS), 2, replace=False), rng.choice(len(scenes.SHAPES), 2)
     out.append((COLOURS[c[0]], scenes.SHAPES[s[0]], COLOURS[c[1]], scenes.SHAPES[s[1]]))
   return out
@@ -91,14 +108,9 @@ def main() -> None:
   config = load_config("configs/flux_sft_synthetic.py")
   config.train.update(steps=args.steps, warmup_steps=50)
   config.text.t5_pretrained = args.t5
-  rng = np.random.default_rng(0)
-  train_pairs = object_pairs(args.prompts, 800 if args.prompts == "fixed" else 4000, rng)
-  prompts, images = [], []
-  for pair in train_pairs:
-    for relation in RELATIONS:
-      prompts.append(prompt(*pair, relation))
-      images.append(render.render_scene(scene(*pair, relation), size=32, seed=len(images)))
-  images, prompts = np.stack(images), np.array(prompts)
+  rng = np.random.default_rng(0)  # The training set's, then the batches' indices.
+  texts, images = training_set(args.prompts, rng)
+  prompts = np.array(texts)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
@@ -120,7 +132,7 @@ def main() -> None:
     hand = oracle_features(texts, t5.shape[1], t5.shape[2], args.features)
     return (jnp.asarray(hand) if args.features == "hand" else t5 + hand), pooled
 
-  probe_pairs = object_pairs(args.prompts, 64, np.random.default_rng(1))
+  pairs = probe_pairs(args.prompts)
   noise = jax.random.normal(jax.random.key(5), (64, geo.image_seq_len, model.config.in_channels))
 
   def centroid_x(labels: np.ndarray, colour: str) -> float:
@@ -130,13 +142,13 @@ def main() -> None:
   def probe(params) -> str:
     offsets = {}
     for relation in RELATIONS:
-      texts = [prompt(*pair, relation) for pair in probe_pairs]
+      texts = [prompt(*pair, relation) for pair in pairs]
       out = np.asarray(sample(params, frozen, *embed(texts), noise))
       labels = oracle.color_labels((out * 255).round().astype(np.uint8))
       offsets[relation] = np.array(
         [
           centroid_x(lab, p[0]) - centroid_x(lab, p[2])
-          for lab, p in zip(labels, probe_pairs, strict=True)
+          for lab, p in zip(labels, pairs, strict=True)
         ]
       )
     change = offsets["right of"] - offsets["left of"]
