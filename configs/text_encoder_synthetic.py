@@ -1,7 +1,8 @@
 r"""Pretrains the synthetic world's tiny T5 encoder on the scene grammar (T5-XXL's stand-in).
 
-A parse head regresses each object's layout targets at its colour words, optionally with a
-masked-token head for the other words (`train.mlm_weight`, off by default, see below); see
+A parse head asks each colour word's features for its object's layout targets and, with the
+default fixed readout, its colour (features of their own, `model.parse_readout`), optionally with
+a masked-token head for the other words (`train.mlm_weight`, off by default, see below); see
 `spatial_jax/diffusion/text_pretrain.py`. Prompts are drawn on the fly from the grammar and
 encoded as FLUX reads T5 (padded to 80 tokens, no attention mask). `<workdir>/final/` is a
 transformers T5 encoder folder + tokenizer; flux_sft reads it with
@@ -11,8 +12,10 @@ transformers T5 encoder folder + tokenizer; flux_sft reads it with
     --config.text.t5_pretrained=workdirs/t5/final
   python -m spatial_jax.main --config configs/text_encoder_synthetic.py:smoke --workdir /tmp/t5
 
-`summary.json` holds the held-out parse-head sign accuracy and a linear probe of each object's
-x / y side from the frozen colour-token features, for this encoder and for flux_sft's random one.
+`summary.json` holds the held-out parse-head sign accuracy, a linear probe of each object's
+x / y side and a nearest-mean probe of its colour from the frozen colour-token features, for
+this encoder and for flux_sft's random one. At the defaults (3,000 steps, ~2.5 min on 2 cores):
+parse sign accuracy 0.82, side 0.83 / 0.81, colour 1.00 (random T5: 0.46 / 0.48, colour 1.00).
 """
 
 from spatial_jax import configs_lib

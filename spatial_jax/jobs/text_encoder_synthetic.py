@@ -1,7 +1,8 @@
 """Job `text_encoder_synthetic`: pretrains the synthetic world's tiny T5 encoder on the grammar.
 
 The synthetic stand-in for T5-XXL's language pretraining (see `text_pretrain` for the objective):
-a parse head regresses each object's layout targets at its colour words, and (with
+a parse head asks each colour word for its object's layout targets (and, with the fixed
+readout, its colour), and (with
 `train.mlm_weight` > 0) a masked-token head trains the other words' states. One linear
 function, like `flux_sft`: mesh -> model -> split -> optimizer -> step -> restore -> loop (logs,
 held-out evaluation, checkpoints) -> probe -> export. Batches are drawn on the host as a function of (seed, step), so a resumed run
@@ -10,9 +11,10 @@ sees exactly the prompts an uninterrupted one would; the held-out prompts come f
 
 The summary (`summary.json`, and `probe/*` scalars) reports a linear ridge probe of the sign of
 each object's x and y target, fit on the frozen final features at colour tokens of one half of
-the held-out prompts and scored on the other half, for the trained encoder AND for the random
-frozen T5 that flux_sft uses without pretraining (`synthetic.build_prompt_encoder(seed=1234)`),
-plus the parse head's own held-out sign accuracy.
+the held-out prompts and scored on the other half, and a nearest-class-mean probe of the colour
+the token names, for the trained encoder AND for the random frozen T5 that flux_sft uses without
+pretraining (`synthetic.build_prompt_encoder(seed=1234)`), plus the parse head's own held-out
+sign accuracy.
 
 `<workdir>/final/` is a transformers T5 encoder folder (config.json, model.safetensors with
 transformers' key names, the synthetic tokenizer with `model_max_length`), written into a
