@@ -10,8 +10,7 @@
 
 Each stage is a job of its own with its own config section (`config.data`,
 `config.text_encoder`, `config.reward`, `config.generator`, `config.grpo`: the stage configs of
-configs/*.py); the quickstart only
-wires their folders together. A stage whose `summary.json` exists is done and is not rerun;
+configs/*.py); the quickstart only wires their folders together. A stage whose `summary.json` exists is done and is not rerun;
 an interrupted stage resumes from its checkpoints, so rerunning the command continues.
 """
 

@@ -127,22 +127,28 @@ def test_t5_init_scales_queries_like_transformers_and_widens_the_position_bias()
   assert abs(float(np.std(table)) - 2.0) < 0.4
 
 
-def test_train_step_learns_a_fixed_batch():
+def _train_on_one_batch(steps: int, mlm_weight: float, **pretrainer_kwargs):
+  """Trains a tiny Pretrainer on one fixed batch; returns (model, batch, first aux, last aux)."""
   config = synthetic.t5_config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
   with nnx.use_eager_sharding(False):
-    model = text_pretrain.Pretrainer(config, rngs=nnx.Rngs(0))
+    model = text_pretrain.Pretrainer(config, rngs=nnx.Rngs(0), **pretrainer_kwargs)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   train = ml_collections.ConfigDict(
-    dict(lr=3e-3, warmup_steps=1, steps=60, end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0)
+    dict(lr=3e-3, warmup_steps=1, steps=steps, end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0)
   )
   tx = text_pretrain.make_optimizer(train)
   opt_state = tx.init(params)
-  step = jax.jit(text_pretrain.make_train_step(graphdef, tx, 0.5))
-  batch = text_pretrain.make_batch(0, 1, 8, DATA, mlm_rate=0.15)
+  step = jax.jit(text_pretrain.make_train_step(graphdef, tx, mlm_weight))
+  batch = text_pretrain.make_batch(0, 1, 8, DATA, mlm_rate=0.15 if mlm_weight > 0 else 0.0)
   first = None
-  for _ in range(60):
+  for _ in range(steps):
     params, opt_state, aux = step(params, opt_state, rest, batch)
     first = first or {k: float(v) for k, v in aux.items()}
+  return nnx.merge(graphdef, params, rest), batch, first, aux
+
+
+def test_train_step_learns_a_fixed_batch():
+  _, _, first, aux = _train_on_one_batch(60, 0.5)
   assert bool(aux["finite"]) and set(aux) >= {"parse_loss", "mlm_loss", "mlm_accuracy"}
   assert float(aux["parse_loss"]) < 0.2 * first["parse_loss"]
   assert float(aux["mlm_loss"]) < 0.5 * first["mlm_loss"]
@@ -171,28 +177,12 @@ def test_colour_probe_reads_a_colour_code_and_not_noise():
 
 
 def test_fixed_readout_learns_layout_and_colour_in_their_own_features():
-  config = synthetic.t5_config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
-  with nnx.use_eager_sharding(False):
-    model = text_pretrain.Pretrainer(
-      config, parse_readout="fixed", parse_scale=2.0, rngs=nnx.Rngs(0)
-    )
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  train = ml_collections.ConfigDict(
-    dict(lr=3e-3, warmup_steps=1, steps=80, end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0)
-  )
-  tx = text_pretrain.make_optimizer(train)
-  opt_state = tx.init(params)
-  step = jax.jit(text_pretrain.make_train_step(graphdef, tx, 0.0))
-  batch = text_pretrain.make_batch(0, 1, 8, DATA, mlm_rate=0.0)
-  first = None
-  for _ in range(80):
-    params, opt_state, aux = step(params, opt_state, rest, batch)
-    first = first or {k: float(v) for k, v in aux.items()}
+  model, batch, first, aux = _train_on_one_batch(80, 0.0, parse_readout="fixed", parse_scale=2.0)
   assert float(aux["parse_loss"]) < 0.3 * first["parse_loss"]
   assert float(aux["colour_loss"]) < 0.3 * first["colour_loss"]
   assert float(aux["colour_accuracy"]) == 1.0
   # The readout is the features themselves: the first two at 2x the layout targets.
-  features = nnx.merge(graphdef, params, rest).encoder(batch["ids"])
+  features = model.encoder(batch["ids"])
   at = batch["target_mask"] > 0
   error = np.asarray(features)[..., :2][at] / 2.0 - batch["targets"][at]
   assert float(np.mean(error**2)) == pytest.approx(float(aux["parse_loss"]), rel=0.2, abs=0.01)
