@@ -27,6 +27,9 @@ def get_config(arg=None):
   config.max_relations = 4
   # Layouts drawn per image, keeping the one that separates related objects most (1: any).
   config.layout_candidates = 1
+  # The fraction of pairs whose rejected image recolours one object instead of changing a
+  # relation (the prompt then names an object the image lacks); 0: relation pairs only.
+  config.recolour_fraction = 0.0
   # Pairs shown in gallery.png (chosen above rejected).
   config.gallery_pairs = 16
   # Check every written pair with the oracle (chosen must score 1, rejected < 1).

@@ -17,17 +17,18 @@ a random tiny SpatialScore, two steps. The settings scale the paper's down to a 
 samples per prompt with the top-2 and bottom-2 kept (the paper: 24 and 6, the same quarter),
 10 SDE steps (Flow-GRPO-Flux: 6 to train, 28 to evaluate), lr 3e-4, clip 1e-4, beta 0.01.
 
-`pool=N` trains on a fixed pool of N two-object, one-relation scenes (`data.scene_pool`) with
-the settings that move layouts within a CPU budget (docs/results/grpo_synthetic.md): 8 prompts x 16 samples a
-step, top-4 and bottom-4 kept, one update of 64 samples at lr 1e-3, one initial noise per group
-and the first 4 of 10 steps stochastic (where the layout is decided), 80 steps.
+`simple` trains on fresh two-object, one-relation scenes (held out: other such scenes) with
+the settings that move layouts within a CPU budget (docs/results/grpo_synthetic.md): 8 prompts x
+16 samples a step, top-4 and bottom-4 kept, one update of 64 samples at lr 1e-3, one initial
+noise per group and the first 4 of 10 steps stochastic (where the layout is decided), 80 steps.
+`pool=N` (implies `simple`) trains on a fixed pool of N such scenes (`data.scene_pool`).
 """
 
 from spatial_jax import configs_lib
 
 
 def get_config(arg=None):
-  arg = configs_lib.parse_arg(arg, smoke=False, pool=0)
+  arg = configs_lib.parse_arg(arg, smoke=False, simple=False, pool=0)
   config = configs_lib.base_config("grpo")
 
   config.data = dict(
@@ -86,15 +87,17 @@ def get_config(arg=None):
   config.eval = dict(every_steps=20, num_prompts=32, num_steps=20, seed=0)
   config.log_every_secs = 30.0
 
-  if arg.pool:
-    config.data.update(scene_pool=arg.pool, pool_phrasings=4)
+  if arg.simple or arg.pool:
     config.data.synthetic.update(max_objects=2, max_relations=1)
     config.grpo.update(
       prompts_per_step=8, group_size=16, topk=4, same_initial_noise=True, sde_window=(0, 4)
     )
     # Held-out relations peak near step 80 at this lr; past it the images degrade (docs/results/grpo_synthetic.md).
     config.train.update(steps=80, lr=1e-3, num_minibatches=1)
-    config.eval.update(every_steps=20, num_prompts=4 * arg.pool)
+    config.eval.update(every_steps=20, num_prompts=128)
+  if arg.pool:
+    config.data.update(scene_pool=arg.pool, pool_phrasings=4)
+    config.eval.num_prompts = 4 * arg.pool
   if arg.smoke:
     config.reward.tiny_spatial_score = True
     config.sampling.update(num_steps=3, cfg_scale=4.0)  # The random generator has no default.

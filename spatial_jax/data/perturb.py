@@ -1,5 +1,8 @@
 """Adversarial perturbation: change exactly one spatial relation, keep everything else.
 
+`recolour_scene` is the one non-spatial perturbation: it gives one object a colour the prompt
+does not name, so that a reward also learns that an image lacking a named object is wrong.
+
 `perturb_scene` works on synthetic scenes (and keeps them satisfiable); `perturb_prompt` is the
 offline, rule-based stand-in for the paper's GPT-5 perturbation of real English prompts. It would
 rather reverse a relation word than risk a swap that moves more than one relation, so it swaps noun
@@ -15,7 +18,7 @@ import numpy as np
 
 from spatial_jax.data import scenes
 
-__all__ = ["RelationChange", "perturb_prompt", "perturb_scene"]
+__all__ = ["RelationChange", "perturb_prompt", "perturb_scene", "recolour_scene"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,25 @@ def perturb_scene(
   perturbed = dataclasses.replace(scene, relations=tuple(relations))
   change = RelationChange(index, kind, before, after, scenes.RELATION_TYPES[before.relation])
   return perturbed, change
+
+
+def recolour_scene(scene: scenes.Scene, rng: np.random.Generator) -> tuple[scenes.Scene, int, str]:
+  """Gives one object (drawn uniformly) a palette colour no object of `scene` has.
+
+  Relations and shapes stay, so the recoloured scene's prompt differs from the original's in one
+  colour word, and its image lacks the object the original prompt names with the old colour.
+
+  Returns:
+    (recoloured scene, index of the recoloured object, its old colour).
+  """
+  index = int(rng.integers(len(scene.objects)))
+  unused = [c for c in scenes.COLORS if c not in {o.color for o in scene.objects}]
+  if not unused:
+    raise ValueError(f"Every palette colour is taken; no object of {scene} can be recoloured.")
+  old = scene.objects[index]
+  objects = list(scene.objects)
+  objects[index] = scenes.SceneObject(old.shape, unused[int(rng.integers(len(unused)))])
+  return dataclasses.replace(scene, objects=tuple(objects)), index, old.color
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,10 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
   perturbed, change = perturb.perturb_scene(scene, rng)
   perturbed_prompt = scenes.scene_to_prompt(perturbed, np.random.default_rng(template_seed))
   chosen_seed, rejected_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
+  # Drawn after everything else, so that a folder without recoloured pairs stays as it was.
+  recolour = config.get("recolour_fraction", 0.0)
+  if recolour > 0 and rng.random() < recolour:
+    return _recoloured_pair(config, split, index, scene, rng, template_seed, chosen_seed, prompt)
   k = config.get("layout_candidates", 1)
   chosen = render.render_scene(scene, size=config.image_size, seed=chosen_seed, layout_candidates=k)
   rejected = render.render_scene(
@@ -80,6 +84,45 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
       change=f"{before.relation} -> {after.relation}",
       change_kind=change.kind,
       change_type=change.type,
+      num_objects=len(scene.objects),
+      num_relations=len(scene.relations),
+    ),
+  )
+
+
+def _recoloured_pair(config, split, index, scene, rng, template_seed, chosen_seed, prompt):
+  """A pair whose rejected image shows one object in a colour the prompt does not name.
+
+  The relation pairs never show an image that lacks a named object, so a reward trained on them
+  alone cannot tell a missing object from a present one, and GRPO on it learns to lose objects
+  (docs/results/grpo_synthetic.md). The rejected scene keeps every shape and relation, and its
+  prompt (the perturbed one) is worded with the same template draws: it differs in one colour
+  word, so the perturbed-prompt and text-contrast terms of the reward's loss stay right.
+  """
+  recoloured, obj, old_colour = perturb.recolour_scene(scene, rng)
+  perturbed_prompt = scenes.scene_to_prompt(recoloured, np.random.default_rng(template_seed))
+  k = config.get("layout_candidates", 1)
+  size = config.image_size
+  # One layout seed for both: the images differ only in that object's colour.
+  chosen = render.render_scene(scene, size=size, seed=chosen_seed, layout_candidates=k)
+  rejected = render.render_scene(recoloured, size=size, seed=chosen_seed, layout_candidates=k)
+  shape, new_colour = scene.objects[obj].shape, recoloured.objects[obj].color
+  return dict(
+    id=pair_id(split, index),
+    prompt=prompt,
+    perturbed_prompt=perturbed_prompt,
+    relation_changed=f"{old_colour} {shape} -> {new_colour} {shape}",
+    chosen_image=chosen,
+    rejected_image=rejected,
+    split=split,
+    source=dict(
+      generator="synthetic",
+      seed=config.seed,
+      chosen_seed=chosen_seed,
+      rejected_seed=chosen_seed,
+      change=f"{old_colour} -> {new_colour}",
+      change_kind="recolour",
+      change_type="colour",
       num_objects=len(scene.objects),
       num_relations=len(scene.relations),
     ),
@@ -151,9 +194,10 @@ GENERATOR_FIELDS = (
   "max_objects",
   "max_relations",
   "layout_candidates",
+  "recolour_fraction",
 )
 # What a folder recorded before a field existed meant.
-_FIELD_DEFAULTS = {"layout_candidates": 1}
+_FIELD_DEFAULTS = {"layout_candidates": 1, "recolour_fraction": 0.0}
 _GENERATOR_FILE = "generator.json"
 
 

@@ -210,7 +210,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       sampling=dict(
         num_steps=config.eval.num_steps,
         guidance=config.sampling.guidance,
-        cfg_scale=config.sampling.cfg_scale,
+        cfg_scale=policy.cfg_scale,  # Resolved: a negative config value means the generator's own.
       ),
       step=step,
       trained_from=policy.source,

@@ -54,6 +54,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   from spatial_jax.jobs import grpo as grpo_job
 
   os.makedirs(workdir, exist_ok=True)
+  # One seed for the whole world: `--config.seed` draws other pairs, initialisations and rollouts.
+  for section in ("data", "text_encoder", "reward", "generator", "grpo"):
+    config[section].seed = config.seed
   metrics.write_config_json(workdir, config)
   pairs = os.path.join(workdir, "pairs")
   seconds = {}
@@ -114,6 +117,35 @@ def _fmt(value: Any) -> str:
   return f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
+# (row name, metric suffix) of the report's headline GRPO table; prefixed by each eval set.
+_HEADLINE = (
+  ("relations", "oracle"),
+  ("one changed", "oracle_perturbed"),
+  ("objects found", "oracle_objects"),
+  ("SpatialScore", "spatial_score"),
+)
+
+
+def _headline_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+  """Before -> after of the headline metrics per eval set, and per prompt length where the
+  evaluation splits them (short: one relation; long: several)."""
+  rows = ["| prompts | metric | before | after | change |", "|---|---|---|---|---|"]
+  for prefix in sorted({k.split("/")[0] for k in after}):
+    for length in ("", "_short", "_long"):
+      for name, suffix in _HEADLINE:
+        if length and suffix not in ("oracle", "oracle_perturbed"):
+          continue  # Only the relation metrics are split by length.
+        key = f"{prefix}/{suffix.replace('oracle', 'oracle' + length, 1)}"
+        if key not in after or key not in before:
+          continue
+        change = after[key] - before[key]
+        rows.append(
+          f"| {prefix}{length.replace('_', ' ')} | {name} | {before[key]:.3f} | "
+          f"{after[key]:.3f} | {change:+.3f} |"
+        )
+  return rows
+
+
 def render_report(report: dict[str, Any], config: Any) -> str:
   """report.md: stage times, SpatialScore accuracy, the generator, GRPO before and after."""
   seconds = report["seconds"]
@@ -148,7 +180,9 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     "## SpatialScore (reward/)",
     "",
     f"Held-out pairwise accuracy: {_fmt(reward_eval.get('accuracy'))} "
-    f"(untrained ~0.5, the oracle 1.0). Curve: reward/learning_curve.png.",
+    f"(untrained ~0.5, the oracle 1.0); horizontal relations "
+    f"{_fmt(reward_eval.get('accuracy_horizontal'))}, vertical "
+    f"{_fmt(reward_eval.get('accuracy_vertical'))}. Curve: reward/learning_curve.png.",
     "",
     "## Base generator (generator/)",
     "",
@@ -178,7 +212,13 @@ def render_report(report: dict[str, Any], config: Any) -> str:
       if config.grpo.data.get("scene_pool")
       else []
     ),
-    "Deterministic (ODE) samples of the held-out prompts, before and after:",
+    "Deterministic (ODE) samples of the held-out prompts, before and after (relations: the",
+    "fraction of a prompt's relations that hold; one changed: the same with one relation",
+    "reversed, which a layout that ignores the words satisfies as often; objects found):",
+    "",
+    *_headline_table(before, after),
+    "",
+    "Every held-out metric:",
     "",
     "| metric | before | after |",
     "|---|---|---|",

@@ -90,3 +90,38 @@ def test_layout_candidates_are_recorded_and_older_folders_read_as_one(tmp_path):
   data_synthetic.run(_config(), str(tmp_path))  # Same settings: accepted.
   with pytest.raises(ValueError, match=r"layout_candidates.*\(1, 8\)"):
     data_synthetic.run(_config(layout_candidates=8), str(tmp_path))
+
+
+def test_recoloured_pairs_lack_one_named_object_and_leave_relation_pairs_as_they_were(tmp_path):
+  data_synthetic.run(_config(num_train=24, image_size=64), str(tmp_path / "plain"))
+  data_synthetic.run(
+    _config(num_train=24, image_size=64, recolour_fraction=0.5), str(tmp_path / "mix")
+  )
+  plain = {r.id: r for r in pairs.read_pairs(tmp_path / "plain")}
+  recoloured = 0
+  for r in pairs.read_pairs(tmp_path / "mix"):
+    assert r.prompt == plain[r.id].prompt  # The scene and its wording are drawn first.
+    if r.source["change_type"] != "colour":
+      assert r.perturbed_prompt == plain[r.id].perturbed_prompt
+      continue
+    recoloured += 1
+    chosen = oracle.score_prompt(pairs.load_rgb(tmp_path / "mix" / r.chosen), r.prompt)
+    rejected = oracle.score_prompt(pairs.load_rgb(tmp_path / "mix" / r.rejected), r.prompt)
+    assert all(chosen.satisfied) and all(chosen.found)
+    assert sum(not f for f in rejected.found) == 1, r.id  # The old colour is gone...
+    # ... and under its own prompt the rejected image is right: it differs in one colour word.
+    assert all(
+      oracle.score_prompt(
+        pairs.load_rgb(tmp_path / "mix" / r.rejected), r.perturbed_prompt
+      ).satisfied
+    )
+    # Each mention of the object changes its colour word (and "a"/"an" before it), nothing else.
+    differ = {
+      (a, b)
+      for a, b in zip(r.prompt.split(), r.perturbed_prompt.split(), strict=True)
+      if a != b and {a.lower(), b.lower()} != {"a", "an"}
+    }
+    old, _, new = r.source["change"].partition(" -> ")
+    assert differ == {(old, new)}, (r.prompt, r.perturbed_prompt)
+  assert 4 <= recoloured <= 24
+  assert json.loads((tmp_path / "mix" / "generator.json").read_text())["recolour_fraction"] == 0.5
