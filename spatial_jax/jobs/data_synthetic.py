@@ -76,17 +76,30 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
     chosen_image=chosen,
     rejected_image=rejected,
     split=split,
-    source=dict(
-      generator="synthetic",
-      seed=config.seed,
-      chosen_seed=chosen_seed,
-      rejected_seed=rejected_seed,
-      change=f"{before.relation} -> {after.relation}",
-      change_kind=change.kind,
-      change_type=change.type,
-      num_objects=len(scene.objects),
-      num_relations=len(scene.relations),
+    source=_source(
+      config,
+      scene,
+      chosen_seed,
+      rejected_seed,
+      f"{before.relation} -> {after.relation}",
+      change.kind,
+      change.type,
     ),
+  )
+
+
+def _source(config, scene, chosen_seed, rejected_seed, change, kind, change_type) -> dict:
+  """A pair's provenance: its seeds, what changed, and the scene's size."""
+  return dict(
+    generator="synthetic",
+    seed=config.seed,
+    chosen_seed=chosen_seed,
+    rejected_seed=rejected_seed,
+    change=change,
+    change_kind=kind,
+    change_type=change_type,
+    num_objects=len(scene.objects),
+    num_relations=len(scene.relations),
   )
 
 
@@ -115,16 +128,8 @@ def _recoloured_pair(config, split, index, scene, rng, template_seed, chosen_see
     chosen_image=chosen,
     rejected_image=rejected,
     split=split,
-    source=dict(
-      generator="synthetic",
-      seed=config.seed,
-      chosen_seed=chosen_seed,
-      rejected_seed=chosen_seed,
-      change=f"{old_colour} -> {new_colour}",
-      change_kind="recolour",
-      change_type="colour",
-      num_objects=len(scene.objects),
-      num_relations=len(scene.relations),
+    source=_source(
+      config, scene, chosen_seed, chosen_seed, f"{old_colour} -> {new_colour}", "recolour", "colour"
     ),
   )
 
