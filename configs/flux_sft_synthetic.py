@@ -123,6 +123,11 @@ def get_config(arg=None):
     # says what the objects are (see flow_matching.object_weights). 8 draws the objects as large
     # blobs; 3 draws smaller ones, closer to the renders.
     object_weight=3.0,
+    # Fraction of examples trained under their pair's perturbed prompt (one relation changed):
+    # mis-captioned images, as web captions mis-state relations. 0: every caption is right.
+    # The quickstart sets 0.3 so that its generator follows relations only in part on every seed
+    # (jobs/flux_sft.miscaption; docs/results/generator_text_encoder.md).
+    caption_noise=0.0,
   )
   config.gallery = dict(
     every_steps=500,  # 0: only at the end.

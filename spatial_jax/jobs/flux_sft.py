@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -91,6 +92,24 @@ def load_gallery_prompts(pairs_dir: str, config: Any) -> GalleryPrompts:
 
 
 # --- The job --------------------------------------------------------------------------------------
+
+
+def miscaption(batch: dict[str, np.ndarray], fraction: float, seed: Sequence[int]) -> list[str]:
+  """The batch's prompts, each replaced with probability `fraction` by its pair's perturbed
+  prompt (one relation changed: a caption that mis-states where its image's objects are).
+
+  Web captions state spatial relations rarely and often wrongly, which is one reason FLUX.1-dev
+  follows them only in part; `train.caption_noise` gives the synthetic generator the same
+  imperfect supervision, so that it follows relations in part whatever its seed, leaving the
+  headroom GRPO is for. Drawn from (config.seed, step): a resumed run draws the same captions.
+  """
+  prompts = [str(p) for p in batch["prompt"]]
+  if not fraction:
+    return prompts
+  perturbed = [str(p) for p in batch["perturbed_prompt"]]
+  draws = np.random.default_rng(list(seed)).random(len(prompts))
+  rows = zip(prompts, perturbed, draws, strict=True)
+  return [q if d < fraction and q and q != p else p for p, q, d in rows]
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -155,8 +174,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   )
   gallery = load_gallery_prompts(pairs_dir, config)
 
-  def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    ids = encoder.tokenize(list(batch["prompt"]))
+  def device_batch(batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
+    prompts = miscaption(batch, config.train.caption_noise, (config.seed, step))
+    ids = encoder.tokenize(prompts)
     if t5_graphdef is None:
       prompt_embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
       arrays = dict(images=batch["chosen"], prompt_embeds=prompt_embeds, pooled=pooled)
@@ -269,7 +289,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   try:
     with sharding.use_mesh(mesh, rules):
       for step in range(start_step + 1, config.train.steps + 1):
-        batch = device_batch(next(train_iter))
+        batch = device_batch(next(train_iter), step)
         key = jax.random.fold_in(rng, step)
         trainable, opt_state, aux = p_step(trainable, opt_state, frozen, batch, key)
         log_now = step % config.log_every_steps == 0 or step == config.train.steps

@@ -107,6 +107,25 @@ def _run_main(*args):
     flags.FLAGS.unparse_flags()
 
 
+def test_miscaption_swaps_the_drawn_fraction_for_perturbed_prompts_reproducibly():
+  n = 4000
+  batch = dict(
+    prompt=np.array([f"a red circle left of a blue star {i}" for i in range(n)], dtype=object),
+    perturbed_prompt=np.array(
+      [f"a red circle right of a blue star {i}" if i % 10 else "" for i in range(n)], dtype=object
+    ),
+  )
+  assert flux_sft.miscaption(batch, 0.0, (0, 1)) == list(batch["prompt"])
+  captions = flux_sft.miscaption(batch, 0.3, (0, 1))
+  swapped = np.array([c != p for c, p in zip(captions, batch["prompt"], strict=True)])
+  # Only rows with a perturbed prompt (9 in 10) swap, each with probability 0.3: 0.27 +- 0.02.
+  assert abs(swapped.mean() - 0.27) < 0.02
+  assert not swapped[::10].any()
+  np.testing.assert_array_equal(np.array(captions)[swapped], batch["perturbed_prompt"][swapped])
+  assert flux_sft.miscaption(batch, 0.3, (0, 1)) == captions  # Same (seed, step): same draw.
+  assert flux_sft.miscaption(batch, 0.3, (0, 2)) != captions
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("flux_sft"))
