@@ -84,7 +84,9 @@ def get_config(arg=None):
     checkpoint_every=20,
     keep_checkpoints=2,
   )
-  config.eval = dict(every_steps=20, num_prompts=32, num_steps=20, seed=0)
+  # num_long_prompts: also hold out this many full-grammar prompts with several relations
+  # (`eval_long/`): what training on short scenes (`simple`) carries over to long prompts.
+  config.eval = dict(every_steps=20, num_prompts=32, num_steps=20, seed=0, num_long_prompts=0)
   config.log_every_secs = 30.0
 
   if arg.simple or arg.pool:

@@ -53,11 +53,14 @@ def get_config(arg=None):
   config.reward.eval.max_pairs = 512
   config.reward.eval_every_steps = 250
   config.grpo.grpo.prompts_per_step = 4
+  # Also held out: 128 long prompts (several relations, 3-4 objects) of the full grammar, which
+  # GRPO never trains on; evaluated every 40 steps (both sets) to keep the stage's time.
+  config.grpo.eval.update(num_long_prompts=128, every_steps=40)
   if arg.smoke:
     config.reward.train.steps = 4
     config.reward.eval.max_pairs = 16
     config.reward.eval_every_steps = 2
     config.grpo.train.steps = 2
-    config.grpo.eval.num_prompts = 4
+    config.grpo.eval.update(num_prompts=4, num_long_prompts=2)
     config.data.update(num_train=96, num_test=32, gallery_pairs=8)
   return config

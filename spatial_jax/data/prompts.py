@@ -74,6 +74,18 @@ def synthetic_prompts(
   return prompts
 
 
+def long_prompts(count: int, seed: int | Sequence[int]) -> list[str]:
+  """`count` distinct prompts of the full grammar (2-4 objects) with at least two relations."""
+  rng = np.random.default_rng(seed)
+  prompts: list[str] = []
+  while len(prompts) < count:
+    scene = scenes.sample_scene(rng, min_objects=3, max_objects=4, max_relations=4)
+    prompt = scenes.scene_to_prompt(scene, rng)
+    if len(scene.relations) > 1 and prompt not in prompts:
+      prompts.append(prompt)
+  return prompts
+
+
 def mirrored(scene: scenes.Scene) -> scenes.Scene:
   """The same layout stated the other way round: "a left of b" becomes "b right of a" (objects in
   the order of first mention of the new wording)."""
@@ -166,6 +178,7 @@ class PromptSource:
     grammar: dict | None = None,
     scene_pool: int = 0,
     pool_phrasings: int = 4,
+    num_long_eval: int = 0,
   ):
     if train_file and scene_pool:
       raise ValueError(
@@ -204,7 +217,10 @@ class PromptSource:
       if pool_held_out is not None
       else []
     )
-    self._held_out = frozenset(self.eval_prompts)
+    # Long prompts held out as well (several relations, the full grammar), whatever the training
+    # grammar: what training on short scenes carries over to long ones.
+    self.long_eval_prompts = long_prompts(num_long_eval, (seed, 4)) if num_long_eval else []
+    self._held_out = frozenset(self.eval_prompts) | frozenset(self.long_eval_prompts)
 
   def train(self, step: int, count: int) -> list[str]:
     """The `count` training prompts of `step` (distinct when drawn from a file; the grammar

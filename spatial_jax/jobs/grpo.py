@@ -14,7 +14,8 @@ Every `eval.every_steps` (and before the first and after the last step) the held
 are sampled deterministically (the ODE, fixed noise) and scored by every reward; the gallery is
 written to `gallery/step_<N>.png`. With a scene pool (`data.scene_pool`), the held-out prompts
 are the pool's scenes in other words (`eval/`) and fresh scenes (`eval_fresh/`, gallery
-`gallery/fresh_step_<N>.png`). Checkpoints hold the LoRA params, the optimizer state and the
+`gallery/fresh_step_<N>.png`). With `eval.num_long_prompts`, held-out full-grammar prompts with
+several relations are scored too (`eval_long/`, `gallery/long_step_<N>.png`). Checkpoints hold the LoRA params, the optimizer state and the
 rng; the prompts of a step depend on (seed, step) only, so a resumed run continues exactly as an
 uninterrupted one. At the end: `final/lora/` (a diffusers LoRA file) and, for a synthetic
 generator, `final/` as a generator folder with the LoRA merged (`generator.load_generator`);
@@ -102,6 +103,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   eval_sets = {"eval": prompts.eval_prompts}
   if prompts.fresh_eval_prompts:
     eval_sets["eval_fresh"] = prompts.fresh_eval_prompts
+  if prompts.long_eval_prompts:
+    eval_sets["eval_long"] = prompts.long_eval_prompts
   eval_inputs = {}
   for prefix, eval_prompts in eval_sets.items():
     # Padded (with copies of the last prompt) to split over the batch shards; trimmed after.

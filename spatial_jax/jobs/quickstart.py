@@ -91,13 +91,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def eval_curve(grpo_dir: str) -> dict[str, list[tuple[int, float]]]:
-  """The GRPO run's held-out evaluations by step (the `eval/*` and, with a scene pool,
-  `eval_fresh/*` rows of its history.json)."""
+  """The GRPO run's held-out evaluations by step (the `eval/*` and, with a scene pool or long
+  held-out prompts, `eval_fresh/*` and `eval_long/*` rows of its history.json)."""
   rows = _summary(grpo_dir, "history.json") or {}
   return {
     k: [(int(s), float(v)) for s, v in rows[k]]
     for k in sorted(rows)
-    if k.startswith(("eval/", "eval_fresh/"))
+    if k.startswith(("eval/", "eval_fresh/", "eval_long/"))
   }
 
 

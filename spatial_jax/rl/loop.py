@@ -73,6 +73,7 @@ def prompt_source(config: Any) -> PromptSource:
     grammar=dict(config.data.synthetic),
     scene_pool=config.data.get("scene_pool", 0),
     pool_phrasings=config.data.get("pool_phrasings", 4),
+    num_long_eval=config.eval.get("num_long_prompts", 0),
   )
 
 

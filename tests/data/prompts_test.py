@@ -66,6 +66,21 @@ def test_prompt_source_holds_out_eval_prompts_and_is_a_function_of_the_step(tmp_
     PromptSource(seed=0, train_file=str(pool), num_eval=10)
 
 
+def test_long_eval_prompts_are_held_out_multi_relation_prompts_of_the_full_grammar():
+  simple = dict(min_objects=2, max_objects=2, max_relations=1)
+  source = PromptSource(seed=0, num_eval=8, grammar=simple, num_long_eval=16)
+  assert len(source.long_eval_prompts) == len(set(source.long_eval_prompts)) == 16
+  assert all(len(scenes.parse_prompt(p).relations) > 1 for p in source.long_eval_prompts)
+  assert all(len(scenes.parse_prompt(p).relations) == 1 for p in source.eval_prompts)
+  assert PromptSource(seed=0, grammar=simple, num_long_eval=16).long_eval_prompts == (
+    source.long_eval_prompts
+  )
+  assert PromptSource(seed=1, grammar=simple, num_long_eval=16).long_eval_prompts != (
+    source.long_eval_prompts
+  )
+  assert PromptSource(seed=0, grammar=simple).long_eval_prompts == []
+
+
 def _layout(prompt: str) -> frozenset[tuple[str, str, str]]:
   """What a prompt asks of the layout, in one direction per axis: (colour, left of / above,
   colour), whichever way the prompt states each relation."""

@@ -41,12 +41,16 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   assert json.loads(encoders.read_text())["t5_pretrained"] == str(
     tmp_path / "text_encoder" / "final"
   )
-  # Fresh held-out scenes (eval/), one-relation prompts: short only.
+  # Fresh held-out scenes (eval/), one-relation prompts: short only; and long prompts of the
+  # full grammar (eval_long/), several relations each.
   metrics = ("oracle", "oracle_objects", "oracle_perturbed", "oracle_soft", "spatial_score")
-  metrics += ("oracle_short", "oracle_short_perturbed")
-  assert set(report["grpo"]["after"]) == {f"eval/{m}" for m in metrics}
+  assert set(report["grpo"]["after"]) == {
+    *(f"eval/{m}" for m in (*metrics, "oracle_short", "oracle_short_perturbed")),
+    *(f"eval_long/{m}" for m in (*metrics, "oracle_long", "oracle_long_perturbed")),
+  }
   text = (tmp_path / "report.md").read_text()
   assert "| eval/oracle |" in text and "eval_fresh" not in text and "a pool of" not in text
+  assert "| eval_long | relations |" in text
   assert "Held-out pairwise accuracy: 0." in text and "trained on the spatial_score reward" in text
   before, after = report["grpo"]["before"], report["grpo"]["after"]
   change = after["eval/oracle_objects"] - before["eval/oracle_objects"]
