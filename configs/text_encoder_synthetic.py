@@ -14,8 +14,9 @@ transformers T5 encoder folder + tokenizer; flux_sft reads it with
 
 `summary.json` holds the held-out parse-head sign accuracy, a linear probe of each object's
 x / y side and a nearest-mean probe of its colour from the frozen colour-token features, for
-this encoder and for flux_sft's random one. At the defaults (3,000 steps, ~2.5 min on 2 cores):
-parse sign accuracy 0.82, side 0.83 / 0.81, colour 1.00 (random T5: 0.46 / 0.48, colour 1.00).
+this encoder and for flux_sft's random one. At the defaults (3,000 steps, ~3 min on 2 cores),
+seeds 0 / 1 / 2: parse sign accuracy 0.997 / 0.996 / 0.993, side probe x >= 0.99 and y >= 0.985,
+colour 1.00 (random T5: 0.46 / 0.48, colour 1.00).
 """
 
 from spatial_jax import configs_lib
