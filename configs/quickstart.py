@@ -24,7 +24,8 @@ def get_config(arg=None):
   # GRPO driven by the reward stage's SpatialScore (the oracle only judges) on fresh two-object,
   # one-relation scenes, held out as other such scenes. At lr 1e-3 the policy first follows
   # SpatialScore and then, past ~60 steps, learns images it overrates (objects lost); 5e-4 over 80
-  # steps raises held-out relations and objects together (docs/results/grpo_synthetic.md).
+  # steps raised held-out relations and objects together on the generator before mis-captions,
+  # and leaves relations flat on the mis-captioned one (docs/results/grpo_synthetic.md).
   config.grpo = configs_lib.load_config(
     "configs/grpo_synthetic.py", "smoke,simple" if arg.smoke else "simple"
   )
