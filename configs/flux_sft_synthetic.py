@@ -125,8 +125,8 @@ def get_config(arg=None):
     object_weight=3.0,
     # Fraction of examples trained under their pair's perturbed prompt (one relation changed):
     # mis-captioned images, as web captions mis-state relations. 0: every caption is right.
-    # The quickstart sets 0.3 so that its generator follows relations only in part on every seed
-    # (jobs/flux_sft.miscaption; docs/results/generator_text_encoder.md).
+    # The quickstart sets 0.3 so that its generator follows relations only in part (at guidance
+    # 2.0 seed 1 still satisfies 0.93 of one-relation scenes; docs/results/grpo_synthetic.md).
     caption_noise=0.0,
   )
   config.gallery = dict(

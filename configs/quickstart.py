@@ -43,7 +43,8 @@ def get_config(arg=None):
   # Trained with 30% of its captions stating one relation wrongly (web captions mis-state
   # relations; FLUX.1-dev follows them in part): with right captions the generator satisfies
   # 0.98 of one-relation scenes on some seeds and 0.48 on others, leaving GRPO no headroom on the
-  # former; mis-captions cap it on every seed (docs/results/grpo_synthetic.md).
+  # former. Mis-captions lower that (seed 0: 0.73, seed 2: 0.62) but not on every seed (seed 1:
+  # 0.93 at guidance 2.0; docs/results/grpo_synthetic.md).
   config.generator.train.caption_noise = 0.3
   config.grpo.sampling.cfg_scale = -1.0  # The generator's own.
   # A CPU budget of ~35 minutes: SpatialScore and GRPO shortened (their own configs run longer).

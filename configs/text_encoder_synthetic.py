@@ -54,7 +54,7 @@ def get_config(arg=None):
     batch_size=32,
     # At 1e-2, seeds 0 and 3 of 4 settled at a parse sign accuracy of ~0.82 (a heuristic they
     # never left; seeds 1 and 2 reached 0.99), and the generator reading such a T5 missed colours
-    # and relations; at 5e-3 all four left it by step 1,500 (0.95-0.996;
+    # and relations; at 5e-3 all four left it by step 1,500 (0.947-0.996;
     # docs/results/generator_text_encoder.md).
     lr=5e-3,
     warmup_steps=200,

@@ -75,7 +75,7 @@ def synthetic_prompts(
 
 
 def long_prompts(count: int, seed: int | Sequence[int]) -> list[str]:
-  """`count` distinct prompts of the full grammar (2-4 objects) with at least two relations."""
+  """`count` distinct grammar prompts of 3-4 objects with at least two relations."""
   rng = np.random.default_rng(seed)
   prompts: list[str] = []
   while len(prompts) < count:

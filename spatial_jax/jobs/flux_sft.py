@@ -100,8 +100,8 @@ def miscaption(batch: dict[str, np.ndarray], fraction: float, seed: Sequence[int
 
   Web captions state spatial relations rarely and often wrongly, which is one reason FLUX.1-dev
   follows them only in part; `train.caption_noise` gives the synthetic generator the same
-  imperfect supervision, so that it follows relations in part whatever its seed, leaving the
-  headroom GRPO is for. Drawn from (config.seed, step): a resumed run draws the same captions.
+  imperfect supervision, so that it follows relations only in part, leaving the headroom GRPO
+  is for. Drawn from (config.seed, step): a resumed run draws the same captions.
   """
   prompts = [str(p) for p in batch["prompt"]]
   if not fraction:
