@@ -91,7 +91,10 @@ def main(argv):
   )
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    metrics.write_config_json(workdir, config)
+    try:  # Refuses a workdir that holds another job's record (a model folder, say).
+      metrics.write_config_json(workdir, config)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   run(config, workdir)
 
 

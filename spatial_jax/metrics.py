@@ -315,15 +315,50 @@ def write_summary(
 def write_config_json(
   workdir: str | os.PathLike[str], config: Any, name: str = "config.json"
 ) -> str:
-  """Writes an ml_collections ConfigDict (or a plain dict) to `workdir/name`; returns the path."""
+  """Writes an ml_collections ConfigDict (or a plain dict) to `workdir/name`; returns the path.
+
+  A config with a `job` key is a workdir's record: it replaces only the record of the same job
+  (a rerun or resume). Any other file of that name, such as another job's record or a model
+  folder's own config, raises a ValueError before anything is written, because a model folder
+  passed as `--workdir` of another job would otherwise lose the record it loads from.
+  """
   if hasattr(config, "to_json_best_effort"):  # ConfigDict / FrozenConfigDict.
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
   else:
     text = to_json(dict(config))
   path = os.path.join(os.fspath(workdir), name)
+  job = config.get("job") if hasattr(config, "get") else None
+  if job is not None:
+    check_workdir_owner(path, job)
   if jax.process_index() == 0:
     fileio.write_atomic(path, text.encode())
   return path
+
+
+def check_workdir_owner(path: str, job: str) -> None:
+  """Raises a ValueError unless `path` is absent or the record of a `job` run."""
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      existing = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(
+      f"{path} exists but is not a readable job record ({e}); refusing to replace it. Choose "
+      "another --workdir, or remove the file if it is a broken record of this run."
+    ) from e
+  if not isinstance(existing, dict) or "job" not in existing:
+    raise ValueError(
+      f"{path} is not a job record (no 'job' key; a model's own config?); a {job!r} run would "
+      "replace it. Choose another --workdir: jobs read a model folder through their config "
+      "(e.g. --config.model_path, --config.model.generator)."
+    )
+  if existing["job"] != job:
+    raise ValueError(
+      f"{os.path.dirname(path) or '.'} holds a {existing['job']!r} run ({path}); this is a "
+      f"{job!r} run and would replace that record. Choose another --workdir: jobs read another "
+      "run's folder through their config (e.g. --config.model_path, --config.model.generator)."
+    )
 
 
 class History:

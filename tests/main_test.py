@@ -67,3 +67,17 @@ def test_bad_job_or_config_is_a_clear_error(tmp_path, args, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_another_jobs_workdir_is_refused_before_anything_is_written(tmp_path):
+  # A model folder given as --workdir of another job keeps its record (it is what loads it).
+  workdir = tmp_path / "pairs"
+  workdir.mkdir()
+  record = json.dumps({"job": "reward_train", "seed": 3})
+  (workdir / "config.json").write_text(record)
+  result = _main("--config=configs/data_synthetic.py:smoke", f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert "holds a 'reward_train' run" in result.stderr
+  assert "'data_synthetic' run" in result.stderr
+  assert (workdir / "config.json").read_text() == record
+  assert os.listdir(workdir) == ["config.json"]

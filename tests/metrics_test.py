@@ -168,6 +168,26 @@ def test_write_config_json(tmp_path):
     assert json.load(f) == {"lr": 3e-4, "model": {"name": "flux", "rank": 32}}
 
 
+def test_write_config_json_replaces_only_the_same_jobs_record(tmp_path):
+  path = metrics.write_config_json(tmp_path, ml_collections.ConfigDict({"job": "a", "lr": 1.0}))
+  metrics.write_config_json(tmp_path, ml_collections.ConfigDict({"job": "a", "lr": 2.0}))
+  assert json.loads(open(path).read())["lr"] == 2.0  # A rerun of the same job.
+  with pytest.raises(ValueError, match="holds a 'a' run.*this is a 'b' run"):
+    metrics.write_config_json(tmp_path, ml_collections.ConfigDict({"job": "b"}))
+  assert json.loads(open(path).read()) == {"job": "a", "lr": 2.0}
+  # A model folder's own config (no job key) and an unreadable file are not replaced either.
+  model_config = '{"model_type": "qwen2_5_vl"}'
+  for text, message in ((model_config, "not a job record"), ("{trunc", "not a readable")):
+    with open(path, "w") as f:
+      f.write(text)
+    with pytest.raises(ValueError, match=message):
+      metrics.write_config_json(tmp_path, ml_collections.ConfigDict({"job": "a"}))
+    assert open(path).read() == text
+  # Plain dicts without a job (exports, summaries) are written as before.
+  metrics.write_config_json(tmp_path, {"model_type": "x"})
+  assert json.loads(open(path).read()) == {"model_type": "x"}
+
+
 def test_create_writer_writes_tensorboard_scalars_and_images(tmp_path, caplog):
   # The reader TensorBoard's own plugins use: it shows tensorboardX's scalar and image summaries
   # as tensors, as TF2 writes them.
