@@ -222,9 +222,16 @@ def load_rgb(image: str | os.PathLike | bytes | ImageLike) -> np.ndarray:
     image = io.BytesIO(image)
   if isinstance(image, Image.Image):
     return np.asarray(image.convert("RGB"))
-  with Image.open(image) as img:
-    # convert() also handles palette, grayscale and RGBA user images.
-    return np.asarray(img.convert("RGB"))
+  try:
+    with Image.open(image) as img:
+      # convert() also handles palette, grayscale and RGBA user images.
+      return np.asarray(img.convert("RGB"))
+  except FileNotFoundError:
+    raise  # Names its file already.
+  except OSError as e:  # PIL's "image file is truncated" and the like name no file.
+    if isinstance(image, io.BytesIO):
+      raise
+    raise OSError(f"{os.fspath(image)}: cannot decode the image ({e})") from e
 
 
 def resize_rgb(image: np.ndarray, size_hw: tuple[int, int] | None) -> np.ndarray:

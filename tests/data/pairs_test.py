@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def _lines(folder):
 def _set_lines(folder, lines):
   with open(os.path.join(folder, pairs.PAIRS_FILE), "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def test_an_undecodable_image_is_named(tmp_path):
+  _write(tmp_path, 2)
+  r = pairs.read_pairs(tmp_path)[1]
+  path = tmp_path / r.chosen
+  path.write_bytes(path.read_bytes()[:40])  # Truncated mid-file, as a crashed copy leaves it.
+  with pytest.raises(OSError, match=re.escape(f"{path}: cannot decode the image")):
+    pairs.load_rgb(path)
+  with pytest.raises(FileNotFoundError, match="missing.png"):
+    pairs.load_rgb(tmp_path / "missing.png")
 
 
 def test_write_read_round_trip(tmp_path):
