@@ -25,15 +25,24 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: a jsonl line that is not a JSON object with a string `prompt` (line named), or a
-      file without prompts.
+    IsADirectoryError: the path is a folder.
+    ValueError: a jsonl line that is not a JSON object with a string `prompt` (line named), a
+      line that is not UTF-8 (line named), or a file without prompts.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"Prompt file {path} is a folder; give a .txt or .jsonl file in it.")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Prompt file not found: {path}")
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(
+          f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8."
+        ) from e
       line = line.strip()
       if not line or (line.startswith("#") and not path.endswith(".jsonl")):
         continue

@@ -37,6 +37,15 @@ def test_read_prompts_errors_name_the_file_and_line(tmp_path):
   empty.write_text("\n# only a comment\n")
   with pytest.raises(ValueError, match="no prompts"):
     read_prompts(empty)
+  with pytest.raises(IsADirectoryError, match="is a folder"):
+    read_prompts(tmp_path)
+  latin1 = tmp_path / "latin1.txt"
+  latin1.write_bytes("a cat left of a dog\na caf\u00e9 above a box\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin1.txt:2: not UTF-8"):
+    read_prompts(latin1)
+  crlf = tmp_path / "crlf.txt"
+  crlf.write_bytes("a caf\u00e9 left of a dog\r\n\r\nz\r\n".encode())
+  assert read_prompts(crlf) == ["a caf\u00e9 left of a dog", "z"]
 
 
 def test_synthetic_prompts_are_deterministic_parse_and_respect_exclude():
