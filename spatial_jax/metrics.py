@@ -335,6 +335,12 @@ def write_config_json(
   return path
 
 
+_OTHER_WORKDIR = (
+  "Choose another --workdir: jobs read another run's or a model's folder through their config "
+  "(e.g. --config.model_path, --config.model.generator)."
+)
+
+
 def check_workdir_owner(path: str, job: str) -> None:
   """Raises a ValueError unless `path` is absent or the record of a `job` run."""
   if not os.path.exists(path):
@@ -350,14 +356,12 @@ def check_workdir_owner(path: str, job: str) -> None:
   if not isinstance(existing, dict) or "job" not in existing:
     raise ValueError(
       f"{path} is not a job record (no 'job' key; a model's own config?); a {job!r} run would "
-      "replace it. Choose another --workdir: jobs read a model folder through their config "
-      "(e.g. --config.model_path, --config.model.generator)."
+      f"replace it. {_OTHER_WORKDIR}"
     )
   if existing["job"] != job:
     raise ValueError(
       f"{os.path.dirname(path) or '.'} holds a {existing['job']!r} run ({path}); this is a "
-      f"{job!r} run and would replace that record. Choose another --workdir: jobs read another "
-      "run's folder through their config (e.g. --config.model_path, --config.model.generator)."
+      f"{job!r} run and would replace that record. {_OTHER_WORKDIR}"
     )
 
 

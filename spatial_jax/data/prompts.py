@@ -68,9 +68,12 @@ def synthetic_prompts(
   max_objects: int = 4,
   max_relations: int = 4,
   exclude: Collection[str] = (),
+  min_relations: int = 1,
+  distinct: bool = False,
 ) -> list[str]:
   """`count` prompts of the scene grammar, deterministic in `seed`, none of them in `exclude`
-  (e.g. held-out evaluation prompts kept out of training)."""
+  (e.g. held-out evaluation prompts kept out of training); scenes with fewer than
+  `min_relations` relations are skipped, and with `distinct` repeated prompts too."""
   rng = np.random.default_rng(seed)
   prompts: list[str] = []
   while len(prompts) < count:
@@ -78,21 +81,16 @@ def synthetic_prompts(
       rng, min_objects=min_objects, max_objects=max_objects, max_relations=max_relations
     )
     prompt = scenes.scene_to_prompt(scene, rng)
-    if prompt not in exclude:
+    if len(scene.relations) < min_relations or prompt in exclude:
+      continue
+    if not (distinct and prompt in prompts):
       prompts.append(prompt)
   return prompts
 
 
 def long_prompts(count: int, seed: int | Sequence[int]) -> list[str]:
   """`count` distinct grammar prompts of 3-4 objects with at least two relations."""
-  rng = np.random.default_rng(seed)
-  prompts: list[str] = []
-  while len(prompts) < count:
-    scene = scenes.sample_scene(rng, min_objects=3, max_objects=4, max_relations=4)
-    prompt = scenes.scene_to_prompt(scene, rng)
-    if len(scene.relations) > 1 and prompt not in prompts:
-      prompts.append(prompt)
-  return prompts
+  return synthetic_prompts(count, seed, min_objects=3, min_relations=2, distinct=True)
 
 
 def mirrored(scene: scenes.Scene) -> scenes.Scene:

@@ -17,9 +17,10 @@ are the pool's scenes in other words (`eval/`) and fresh scenes (`eval_fresh/`, 
 `gallery/fresh_step_<N>.png`). With `eval.num_long_prompts`, held-out full-grammar prompts with
 several relations are scored too (`eval_long/`, `gallery/long_step_<N>.png`). Checkpoints hold
 the LoRA params, the optimizer state and the rng; the prompts of a step depend on (seed, step)
-only, so a resumed run continues exactly as an uninterrupted one. At the end: `final/lora/` (a diffusers LoRA file) and, for a synthetic
-generator, `final/` as a generator folder with the LoRA merged (`generator.load_generator`);
-`summary.json` holds the evaluation before and after, `curves.png` the reward curve.
+only, so a resumed run continues exactly as an uninterrupted one. At the end: `final/lora/` (a
+diffusers LoRA file) and, for a synthetic generator, `final/` as a generator folder with the
+LoRA merged (`generator.load_generator`); `summary.json` holds the evaluation before and after,
+`curves.png` the reward curve.
 """
 
 from __future__ import annotations
