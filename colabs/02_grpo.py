@@ -166,7 +166,7 @@ def rollout_phase(step):
 
 def reward_phase(roll):
   """Every reward on the decoded images; top-k group advantages of the trained one."""
-  return loop.score(roll, reward_fns, config)
+  return loop.score(phases, roll, reward_fns, config)
 
 
 def train_phase(step, roll, scored):

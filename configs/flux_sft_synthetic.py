@@ -104,6 +104,9 @@ def get_config(arg=None):
     weight_decay=0.0,
     grad_clip=1.0,
     grad_accum_steps=1,
+    # Adam's denominator floor. Early updates of weights whose gradient is ~0 (behind zero-init
+    # layers) are lr * sign(rounding noise) at the default; a larger value damps them.
+    adam_eps=1e-8,
     checkpoint_every=500,
     keep_checkpoints=2,
     timestep_sampling="logit_normal",  # or "uniform"

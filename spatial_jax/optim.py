@@ -14,8 +14,8 @@ def adamw_warmup_cosine(train: Any) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay, global-norm clipping, and accumulation.
 
   `train` is a config's `train` section: lr, steps, warmup_steps, end_lr_fraction,
-  weight_decay, grad_clip and (optional) grad_accum_steps and ema_decay (> 0: `params_ema` after
-  the update, whose parameters `ema_params` reads back). `steps` and `warmup_steps` count
+  weight_decay, grad_clip and (optional) grad_accum_steps, adam_eps (optax's 1e-8 by default)
+  and ema_decay (> 0: `params_ema` after the update, whose parameters `ema_params` reads back). `steps` and `warmup_steps` count
   micro-batches; the schedule counts optimizer updates.
   """
   k = max(1, train.get("grad_accum_steps", 1))
@@ -28,7 +28,9 @@ def adamw_warmup_cosine(train: Any) -> optax.GradientTransformation:
   )
   parts = [
     optax.clip_by_global_norm(train.grad_clip),
-    optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=train.weight_decay),
+    optax.adamw(
+      schedule, b1=0.9, b2=0.999, eps=train.get("adam_eps", 1e-8), weight_decay=train.weight_decay
+    ),
   ]
   if train.get("ema_decay", 0.0) > 0:
     parts.append(params_ema(train.ema_decay))

@@ -16,6 +16,7 @@ an activation stays whole and its batch is split instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -360,6 +361,47 @@ def to_host(x: jax.Array) -> np.ndarray:
   from jax.experimental import multihost_utils
 
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def take(x: jax.Array, indices: Any, axis: int, out_sharding: NamedSharding) -> jax.Array:
+  """`jnp.take(x, indices, axis)` placed as `out_sharding`, for arrays that span processes too.
+
+  An eager gather on such an array cannot pick its output sharding (jax asks for one), so the
+  gather runs jitted with the sharding given; one compiled program per (axis, sharding, shape).
+  """
+  return _jitted_take(axis, out_sharding)(x, np.asarray(indices, np.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_take(axis: int, out_sharding: NamedSharding) -> Callable[..., jax.Array]:
+  return jax.jit(lambda x, i: jax.numpy.take(x, i, axis=axis), out_shardings=out_sharding)
+
+
+def process_rows(n: int, mesh: Mesh, rules: Rules) -> slice | None:
+  """The rows of an n-row host batch this process works on when the processes split host-side
+  work (decoding to files, rule-based rewards): a contiguous block, in `process_batch_shard`
+  order; None with one process (every row)."""
+  if jax.process_count() == 1:
+    return None
+  index, count = process_batch_shard(mesh, rules)
+  bounds = np.linspace(0, n, count + 1).round().astype(int)
+  return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def gather_rows(local: np.ndarray, rows: slice | None, n: int) -> np.ndarray:
+  """Every process's `process_rows` block of an (n, ...) host array -> the whole array, the same
+  on every process. Processes with the same block (a batch replicated across them) agree."""
+  if rows is None:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils
+
+  local = np.asarray(local)
+  full = np.zeros((n, *local.shape[1:]), local.dtype)
+  covered = np.zeros(n, bool)
+  full[rows], covered[rows] = local, True
+  fulls, covers = multihost_utils.process_allgather((full, covered))
+  first = np.argmax(covers, axis=0)  # The first process that holds each row.
+  return fulls[first, np.arange(n)]
 
 
 def batch_shard_count(mesh: jax.sharding.Mesh, rules: Rules) -> int:

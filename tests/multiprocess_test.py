@@ -8,11 +8,10 @@ GRPO train steps must then give the same losses and parameters.
 """
 
 import os
-import socket
-import subprocess
 import sys
 import time
 
+import multihost_util
 import numpy as np
 import pytest
 
@@ -21,39 +20,11 @@ from spatial_jax.jobs import data_synthetic
 
 pytestmark = pytest.mark.slow  # End to end: two processes through jax.distributed.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+WORKER = os.path.join(multihost_util.ROOT, "tests", "multiprocess_worker.py")
 # A hung coordinator must not hang CI (a worker that dies takes the others down within seconds
 # through jax's coordination service; this is the backstop). Generous: on a loaded 2-core runner
 # the three workers need ~3 minutes.
 TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(num_devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  # The test process's own flags (conftest: 8 devices) must not leak into the workers.
-  # Backend optimisation off: the programs are tiny, compiling them is most of the test's time,
-  # and both sides of the comparison compile the same way.
-  env["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0"
-  )
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-  for name in list(env):  # jax.distributed must not auto-detect a cluster around the test.
-    if name.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_")) or name == "JAX_COORDINATOR_ADDRESS":
-      env.pop(name)
-  return env
-
-
-def _stderr_tail(path: str, lines: int = 40) -> str:
-  with open(path, errors="replace") as f:
-    text = [line for line in f if not line.startswith("[Gloo]")]
-  return "".join(text[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +35,7 @@ def runs(tmp_path_factory):
   data.seed = 0
   data_synthetic.run(data, pairs)
   base = [sys.executable, WORKER, "--out", str(out), "--pairs", pairs]
-  port = _free_port()
+  port = multihost_util.free_port()
   commands = {
     "reference": (base, 8),
     **{
@@ -77,26 +48,13 @@ def runs(tmp_path_factory):
     },
   }
   start = time.time()
-  procs = {}
-  for name, (cmd, devices) in commands.items():
-    log = open(out / f"{name}.log", "w")  # noqa: SIM115  (closed below)
-    procs[name] = (
-      subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT),
-      log,
-    )
-  failures = []
-  for name, (proc, log) in procs.items():
-    try:
-      rc = proc.wait(timeout=max(1.0, TIMEOUT_S - (time.time() - start)))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-      rc = f"killed after {TIMEOUT_S} s"
-    log.close()
-    if rc != 0:
-      failures.append(f"--- {name}: exit {rc}; its output ends:\n{_stderr_tail(log.name)}")
+  procs = multihost_util.start(
+    {name: (cmd, multihost_util.cpu_env(devices)) for name, (cmd, devices) in commands.items()},
+    str(out),
+  )
+  failures = multihost_util.wait(procs, str(out), TIMEOUT_S)
   if failures:
-    pytest.fail("Worker failures:\n" + "\n".join(failures), pytrace=False)
+    pytest.fail("Worker failures:\n" + "\n".join(failures.values()), pytrace=False)
   print(f"3 workers in {time.time() - start:.1f} s")
   return {name: dict(np.load(out / f"{name}.npz")) for name in commands}
 

@@ -123,3 +123,23 @@ def test_state_shardings_follow_rule_overrides():
   specs = sharding.state_shardings(nnx.state(abstract), mesh, rules)
   assert specs["up"]["kernel"].spec == PartitionSpec(None, "fsdp")
   assert specs["down"]["kernel"].spec == PartitionSpec("fsdp", None)
+
+
+def test_take_gathers_rows_into_the_given_sharding():
+  mesh = sharding.make_mesh([("data", 4), ("tensor", 2)])
+  rules = sharding.resolve_rules(None)
+  x = np.arange(3 * 8 * 5, dtype=np.float32).reshape(3, 8, 5)
+  split = sharding.named_sharding(mesh, (None, "act_batch", None), rules)
+  on_mesh = jax.device_put(x, split)
+  rows = np.array([7, 0, 3, 3])
+  got = sharding.take(on_mesh, rows, 1, split)
+  assert got.sharding == split
+  np.testing.assert_array_equal(np.asarray(got), x[:, rows])
+
+
+def test_one_process_scores_every_row():
+  mesh = sharding.make_mesh([("data", -1)])
+  rules = sharding.resolve_rules(None)
+  assert sharding.process_rows(10, mesh, rules) is None
+  local = np.arange(10.0)
+  np.testing.assert_array_equal(sharding.gather_rows(local, None, 10), local)

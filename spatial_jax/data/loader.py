@@ -1,11 +1,12 @@
 """Grain input pipeline over preference pairs (a pairs folder or its TFDS array_record build).
 
-    source -> MapDataset.source -> (+ index) -> seed/shuffle -> shard -> repeat
-           -> decode + resize (PIL) -> batch -> to_iter_dataset [-> mp_prefetch]
+    source -> MapDataset.source -> (+ index) -> seed/shuffle -> repeat
+           -> decode + resize (PIL) -> batch -> shard -> to_iter_dataset [-> mp_prefetch]
 
-Shuffling is global and reseeded each epoch (grain's shuffle folds the epoch into its seed), and
-the shard slice is taken AFTER the shuffle: each epoch's permutation is split disjointly across
-processes, so together they cover the epoch and each process sees different pairs every epoch.
+Shuffling is global and reseeded each epoch (grain's shuffle folds the epoch into its seed).
+With several shards (processes), shard i takes the i-th block of every global batch (batch_size
+x shard_count pairs, in the shuffled order), so together the processes read exactly the batches
+one process would read with the global batch size, in the same row order.
 All processes must therefore use the same seed. Batches are dicts of numpy arrays:
 
   chosen, rejected                   (B, H, W, 3) uint8
@@ -150,9 +151,9 @@ def make_pairs_loader(
       boundaries.
     shard_index: this process's shard; defaults to `jax.process_index()`.
     shard_count: number of shards; defaults to `jax.process_count()`.
-    drop_remainder: drop the last partial batch, and with several shards also the last
-      `len % shard_count` pairs of each epoch, so that every process yields the same number of
-      full batches (no process waits forever in a collective). False keeps everything.
+    drop_remainder: drop the last partial batch, and with several shards the last incomplete
+      global batch, so that every process yields the same number of full batches (no process
+      waits forever in a collective). False keeps everything.
     read_options: grain thread prefetch settings (default `DEFAULT_READ_OPTIONS`).
     mp_prefetch: process-based prefetch (e.g. `grain.MultiprocessingOptions(num_workers=4)`);
       None (default) stays in this process.
@@ -174,20 +175,26 @@ def make_pairs_loader(
   ds = grain.MapDataset.source(source).map_with_index(_AddIndex(len(source)))
   if shuffle:
     ds = ds.seed(seed).shuffle()
-  if shard_count > 1:
-    if drop_remainder:
-      ds = ds[: len(ds) // shard_count * shard_count]
-    ds = ds[shard_index::shard_count]
+  global_batch = batch_size * shard_count
   per_epoch = len(ds)
-  too_few = drop_remainder and num_epochs is not None and per_epoch * num_epochs < batch_size
+  too_few = drop_remainder and num_epochs is not None and per_epoch * num_epochs < global_batch
   if per_epoch == 0 or too_few:
     raise ValueError(
-      f"shard {shard_index}/{shard_count} of split {split!r} ({len(source)} pairs) has "
-      f"{per_epoch} pairs per epoch: too few for one batch of {batch_size}"
+      f"split {split!r} ({len(source)} pairs) is too few for one batch of {batch_size}"
+      + (f" per shard x {shard_count} shards" if shard_count > 1 else "")
     )
   ds = ds.repeat(num_epochs)
   ds = ds.map(_DecodeResize(size_hw))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_collate)
+  if shard_count > 1:
+    # Shard i reads the i-th block of batch_size pairs of every global batch, so the shards'
+    # batches, concatenated in shard order, are the batches of one reader with the global batch
+    # size: a run gives the same batches on any number of processes. Every shard gets the same
+    # number of batches (a last incomplete global batch is dropped) so none waits in a
+    # collective for another's batch.
+    if drop_remainder:
+      ds = ds[: len(ds) // shard_count * shard_count]
+    ds = ds[shard_index::shard_count]
   iter_ds = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
   if mp_prefetch is not None:
     if not flags.FLAGS.is_parsed():

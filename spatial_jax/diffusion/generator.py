@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from spatial_jax import fileio, lora, metrics
+from spatial_jax import fileio, lora, metrics, sharding
 from spatial_jax.data import oracle, perturb, scenes
 from spatial_jax.diffusion import synthetic
 from spatial_jax.diffusion.latents import image_ids, latent_size, text_ids, unpack
@@ -51,8 +51,11 @@ def images_to_unit(images: jax.Array) -> jax.Array:
 
 
 def unit_to_uint8(images: Any) -> np.ndarray:
-  """Float images in [0, 1] (device or host) -> uint8 host arrays, as the oracle and PNGs take."""
-  return np.round(np.asarray(jax.device_get(images)) * 255).astype(np.uint8)
+  """Float images in [0, 1] (device or host) -> uint8 host arrays, as the oracle and PNGs take.
+  An array that spans processes is gathered (then every process must call this)."""
+  if isinstance(images, jax.Array):
+    images = sharding.to_host(images)
+  return np.round(np.asarray(images) * 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

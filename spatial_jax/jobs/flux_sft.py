@@ -94,20 +94,25 @@ def load_gallery_prompts(pairs_dir: str, config: Any) -> GalleryPrompts:
 # --- The job --------------------------------------------------------------------------------------
 
 
-def miscaption(batch: dict[str, np.ndarray], fraction: float, seed: Sequence[int]) -> list[str]:
+def miscaption(
+  batch: dict[str, np.ndarray], fraction: float, seed: Sequence[int], rows: slice | None = None
+) -> list[str]:
   """The batch's prompts, each replaced with probability `fraction` by its pair's perturbed
   prompt (one relation changed: a caption that mis-states where its image's objects are).
 
   Web captions state spatial relations rarely and often wrongly, which is one reason FLUX.1-dev
   follows them only in part; `train.caption_noise` gives the synthetic generator the same
   imperfect supervision, so that it follows relations only in part, leaving the headroom GRPO
-  is for. Drawn from (config.seed, step): a resumed run draws the same captions.
+  is for. Drawn from (config.seed, step): a resumed run draws the same captions. `rows`: where
+  this batch sits in the global batch (a process's block), so any number of processes draws
+  what one process draws.
   """
   prompts = [str(p) for p in batch["prompt"]]
   if not fraction:
     return prompts
   perturbed = [str(p) for p in batch["perturbed_prompt"]]
-  draws = np.random.default_rng(list(seed)).random(len(prompts))
+  rows = rows or slice(0, len(prompts))
+  draws = np.random.default_rng(list(seed)).random(rows.stop)[rows]
   rows = zip(prompts, perturbed, draws, strict=True)
   return [q if d < fraction and q and q != p else p for p, q, d in rows]
 
@@ -115,10 +120,6 @@ def miscaption(batch: dict[str, np.ndarray], fraction: float, seed: Sequence[int
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, writes galleries and checkpoints, exports `final/`; returns the summary."""
   # -- Mesh ----------------------------------------------------------------------------------
-  if jax.process_count() > 1:
-    # Each process would feed its own slice (make_array_from_process_local_data) and encode its
-    # own prompts; until that is written and tested, refuse clearly.
-    raise NotImplementedError("flux_sft runs in one process (any number of local devices).")
   os.makedirs(workdir, exist_ok=True)  # main.py writes config.json; Colab and tests call run().
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
@@ -134,6 +135,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       f"config.train.batch_size={config.train.batch_size} must be a multiple of the {batch_shards} "
       "shards of the batch axis (act_batch over the mesh)."
     )
+  # With several processes each loads and encodes its block of every global batch.
+  shard_index, shard_count = sharding.process_batch_shard(mesh, rules)
+  local_batch = config.train.batch_size // shard_count
+  local_rows = slice(shard_index * local_batch, (shard_index + 1) * local_batch)
+  replicated = sharding.named_sharding(mesh, (), rules)
 
   # -- Frozen components and the model -------------------------------------------------------
   codec = build_codec(config)
@@ -157,8 +163,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   t5_graphdef = None
   if config.text.get("t5_trainable", False):
     t5_graphdef, t5_params = nnx.split(encoder.encoders.t5)
-    t5_params = jax.tree.map(jnp.copy, t5_params)  # The step donates them; the encoder keeps its.
-    replicated = sharding.named_sharding(mesh, (), rules)
+    # Copies on the mesh (replicated): the step donates them; the encoder keeps its own.
+    t5_params = jax.device_put(jax.tree.map(np.asarray, t5_params), replicated)
     trainable = dict(transformer=trainable, t5=t5_params)
     trainable_sh = dict(transformer=trainable_sh, t5=jax.tree.map(lambda _: replicated, t5_params))
     logging.info("T5 trains with the transformer: %.3fM parameters", count(t5_params) / 1e6)
@@ -168,14 +174,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   train_iter = pair_loader.make_pairs_loader(
     pairs_dir,
     split=config.data.train_split,
-    batch_size=config.train.batch_size,
+    batch_size=local_batch,
     image_size=config.data.image_size,
     seed=config.seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
   )
   gallery = load_gallery_prompts(pairs_dir, config)
 
   def device_batch(batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
-    prompts = miscaption(batch, config.train.caption_noise, (config.seed, step))
+    prompts = miscaption(batch, config.train.caption_noise, (config.seed, step), local_rows)
     ids = encoder.tokenize(prompts)
     if t5_graphdef is None:
       prompt_embeds, pooled = encoder.encode_ids(ids["t5_ids"], ids["clip_ids"])
@@ -185,10 +193,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       arrays = dict(images=batch["chosen"], t5_ids=ids["t5_ids"], pooled=pooled)
     if config.train.object_weight != 1.0:
       arrays["weights"] = object_weights(batch["chosen"], config.train.object_weight)
-    return {
-      k: jax.device_put(v, sharding.data_sharding(mesh, rules, np.ndim(v)))
-      for k, v in arrays.items()
-    }
+    shardings = {k: sharding.data_sharding(mesh, rules, np.ndim(v)) for k, v in arrays.items()}
+    return sharding.process_local_to_global(arrays, shardings)
 
   # -- Optimizer, step and sampler -----------------------------------------------------------
   tx = make_optimizer(config)
@@ -217,7 +223,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # -- Checkpoint restore --------------------------------------------------------------------
   # Replicated on the mesh, so that a restored key (placed like its target) meets the mesh's
   # arrays in `fold_in` under the mesh.
-  rng = jax.device_put(jax.random.key(config.seed), sharding.named_sharding(mesh, (), rules))
+  rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
   ckpt = checkpoint.Checkpointer(
     workdir,
     max_to_keep=config.train.keep_checkpoints,
@@ -252,8 +258,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if gallery_noise is None:
       return {}
     params = sampling_params()
+    # Host copies placed on the mesh: local arrays cannot meet other processes' devices.
+    inputs = (*encoder(gallery.prompts), gallery_noise, encoder([""]))
+    inputs = jax.device_put(jax.tree.map(np.asarray, inputs), replicated)
     with sharding.use_mesh(mesh, rules):
-      samples = p_sample(params, frozen, *encoder(gallery.prompts), gallery_noise, encoder([""]))
+      samples = p_sample(params, frozen, *inputs)
     samples = unit_to_uint8(samples)
     # With grammar prompts, also the same images against each prompt with one relation changed:
     # relations minus that is how far the layouts follow the prompts above chance.

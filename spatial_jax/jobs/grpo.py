@@ -21,6 +21,14 @@ only, so a resumed run continues exactly as an uninterrupted one. At the end: `f
 diffusers LoRA file) and, for a synthetic generator, `final/` as a generator folder with the
 LoRA merged (`generator.load_generator`); `summary.json` holds the evaluation before and after,
 `curves.png` the reward curve.
+
+Several processes (`jax.distributed`, e.g. 4 nodes x 8 GPUs or a TPU pod slice) run this same
+function on global arrays: the rollout, decoding, SpatialScore and training are split over the
+whole mesh; each process scores its block of the rollout with the host rewards (the oracle) and
+the rewards are gathered, so every process computes the same group advantages (global
+statistics included) and keeps the same samples, exactly as one process would. Groups may span
+processes. Checkpoints are written by every process (orbax), the rest (TensorBoard, galleries,
+summary, exports) by process 0.
 """
 
 from __future__ import annotations
@@ -46,16 +54,6 @@ from spatial_jax.rl import steps as steps_lib
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates, checkpoints, exports; returns the summary (also in summary.json)."""
-  if jax.process_count() > 1:
-    # The jitted phases run across processes (rollout and train step: tests/multiprocess_test.py),
-    # but this loop decodes, scores and selects the rollout on the host from whole arrays, which
-    # several processes would first have to gather (or score their own rows and exchange rewards).
-    raise NotImplementedError(
-      f"grpo runs in one process (any number of local devices), not {jax.process_count()}: the "
-      "loop decodes and rewards the rollout on the host. Use one host with several GPUs/TPU chips "
-      "(e.g. srun --nodes=1 --ntasks=1), or call rl.steps' rollout and train step yourself with "
-      "batches from sharding.process_local_to_global."
-    )
   os.makedirs(workdir, exist_ok=True)
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
@@ -84,7 +82,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   put = phases.put
 
   # -- Restore -------------------------------------------------------------------------------
-  rng = jax.device_put(jax.random.key(config.seed), sharding.named_sharding(mesh, (), rules))
+  # Made on the mesh (replicated): a local key cannot be put on other processes' devices.
+  replicated = sharding.named_sharding(mesh, (), rules)
+  rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
   ckpt = checkpoint.Checkpointer(
     workdir,
     max_to_keep=t.keep_checkpoints,
@@ -127,9 +127,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       embeds, noise = eval_inputs[prefix]
       with sharding.use_mesh(mesh, rules):
         latents = phases.sample(sampling_params(), frozen, *embeds, noise)
-        images = generator_lib.unit_to_uint8(policy.decode(latents))[: len(eval_prompts)]
-      for name, fn in reward_fns.items():
-        scores[f"{prefix}/{name}"] = float(np.mean(fn(images, eval_prompts)))
+        images = loop.decode_images(phases, policy, latents)[: len(eval_prompts)]
+      for name, values in loop.score_images(phases, reward_fns, images, eval_prompts).items():
+        scores[f"{prefix}/{name}"] = float(np.mean(values))
       if "oracle" in reward_fns:
         report = generator_lib.oracle_report(images, eval_prompts, 1)
         found = report["all"]
@@ -173,7 +173,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           phases, policy, trainable, frozen, prompts.train(step, config.grpo.prompts_per_step), key
         )
         rollout_secs, timer = time.perf_counter() - timer, time.perf_counter()
-        scored = loop.score(roll, reward_fns, config)
+        scored = loop.score(phases, roll, reward_fns, config)
         reward_secs, timer = time.perf_counter() - timer, time.perf_counter()
         batches = loop.minibatches(phases, roll, scored, config, step)
         trainable, opt_state, aux = loop.update(phases, trainable, opt_state, frozen, batches)
@@ -233,7 +233,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   history.save(workdir)
   # The training reward (rollout mean) and the evaluation score of every reward.
   panels = [(name, (f"train/reward_{name}", f"eval/{name}")) for name in reward_fns]
-  history.plot(os.path.join(workdir, "curves.png"), panels)
+  if jax.process_index() == 0:
+    history.plot(os.path.join(workdir, "curves.png"), panels)
   metrics.write_summary(workdir, summary)
   logging.info("Final: %s", summary)
   return summary

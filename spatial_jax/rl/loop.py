@@ -3,7 +3,7 @@ all call, so the step exists once.
 
   phases = jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
   roll = rollout(phases, policy, trainable, frozen, step_prompts, key)   # SDE samples, decoded
-  scored = score(roll, reward_fns, config)                               # rewards, advantages
+  scored = score(phases, roll, reward_fns, config)                       # rewards, advantages
   batches = minibatches(phases, roll, scored, config, step)              # kept samples, placed
   trainable, opt_state, aux = update(phases, trainable, opt_state, frozen, batches)
   scalars = step_scalars(aux, scored)                                    # what the step logs
@@ -33,6 +33,7 @@ from spatial_jax.diffusion.sde import SDETrajectory
 from spatial_jax.diffusion.text_to_image import TextToImage
 from spatial_jax.rl import advantages as advantages_lib
 from spatial_jax.rl import grpo as grpo_lib
+from spatial_jax.rl import rewards as rewards_lib
 from spatial_jax.rl import steps as steps_lib
 
 # The sample axis of each train-batch entry (the rollout's latents and log-probs lead with steps).
@@ -90,6 +91,10 @@ class Phases:
       first two.
     sample: (params, frozen, prompt_embeds, pooled, noise) -> packed latents (ODE, evaluation).
     put: (host array, batch axis) -> the array on the mesh, split over `act_batch` on that axis.
+    take: (array on the mesh, row indices, batch axis) -> those rows, split as `put` splits;
+      works on arrays that span processes.
+    final: the rollout's latents (S + 1, N, ...) -> the last step's (N, ...), split by rows.
+    process_rows: n -> the block of n host rows this process scores (None: one process).
     sigmas / eval_sigmas: the rollout's and the evaluation's schedules.
     timesteps: the trained SDE steps.
     decode_chunk: images decoded per call (the reward batch, a multiple of the batch shards).
@@ -100,6 +105,9 @@ class Phases:
   train: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
   sample: Callable[..., jax.Array]
   put: Callable[..., jax.Array]
+  take: Callable[..., jax.Array]
+  final: Callable[[jax.Array], jax.Array]
+  process_rows: Callable[[int], slice | None]
   sigmas: jax.Array
   eval_sigmas: jax.Array
   timesteps: tuple[int, ...]
@@ -132,7 +140,13 @@ def jit_phases(
     return sharding.named_sharding(mesh, tuple(names), rules)
 
   def put(x: Any, batch_axis: int = 0) -> jax.Array:
-    return jax.device_put(x, split(np.ndim(x), batch_axis))
+    to = split(np.ndim(x), batch_axis)
+    if isinstance(x, jax.Array) and not to.is_fully_addressable:
+      x = np.asarray(x)  # A local array reaches other processes' devices from the host.
+    return jax.device_put(x, to)
+
+  def take(x: jax.Array, rows: Any, batch_axis: int = 0) -> jax.Array:
+    return sharding.take(x, rows, batch_axis, split(x.ndim, batch_axis))
 
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)
@@ -165,6 +179,9 @@ def jit_phases(
     train=train_fn,
     sample=sample_fn,
     put=put,
+    take=take,
+    final=jax.jit(lambda latents: latents[-1], out_shardings=split(3)),
+    process_rows=lambda n: sharding.process_rows(n, mesh, rules),
     sigmas=sigmas,
     eval_sigmas=eval_sigmas,
     timesteps=timesteps,
@@ -214,22 +231,52 @@ def rollout(
     phases.put(jnp.repeat(x, G, axis=0)) for x in policy.encode(list(step_prompts))
   )
   traj = phases.rollout(trainable, frozen, prompt_embeds, pooled, key)
-  n, chunk = len(group_prompts), phases.decode_chunk
-  images = np.concatenate(
-    [
-      generator_lib.unit_to_uint8(policy.decode(traj.latents[-1][i : i + chunk]))
-      for i in range(0, n, chunk)
-    ]
-  )
+  images = decode_images(phases, policy, phases.final(traj.latents))
   return Rollout(list(step_prompts), group_prompts, prompt_embeds, pooled, traj, images)
 
 
-def score(roll: Rollout, reward_fns: Mapping[str, Callable], config: Any) -> Scored:
-  """Every reward on the decoded images; top-k group advantages of `reward.train_on`'s."""
+def decode_images(phases: Phases, policy: TextToImage, latents: jax.Array) -> np.ndarray:
+  """Packed latents (N, ...) on the mesh -> uint8 images (N, H, W, 3) on the host of every
+  process, decoded on the devices in chunks of `phases.decode_chunk` (N a multiple of the
+  batch shards)."""
+  n, chunk = latents.shape[0], phases.decode_chunk
+  return np.concatenate(
+    [
+      generator_lib.unit_to_uint8(
+        policy.decode(phases.take(latents, np.arange(i, min(i + chunk, n))))
+      )
+      for i in range(0, n, chunk)
+    ]
+  )
+
+
+def score_images(
+  phases: Phases, reward_fns: Mapping[str, Callable], images: np.ndarray, prompts: Sequence[str]
+) -> dict[str, np.ndarray]:
+  """name -> (N,) float32 of every reward, the same on every process.
+
+  A reward that runs on the devices (`rewards.on_mesh`: SpatialScore) scores every image at once,
+  its batch split over the mesh; a host reward (the oracle) scores this process's block of rows
+  (`phases.process_rows`), and the blocks are gathered, so that every process holds every reward
+  and computes the same group advantages (global statistics included) without exchanging
+  images.
+  """
+  rows = phases.process_rows(len(images))
+  out = {}
+  for name, fn in reward_fns.items():
+    if rows is None or rewards_lib.on_mesh(fn):
+      out[name] = np.asarray(fn(images, prompts), np.float32)
+    else:
+      local = np.asarray(fn(images[rows], list(prompts)[rows]), np.float32)
+      out[name] = sharding.gather_rows(local, rows, len(images))
+  return out
+
+
+def score(phases: Phases, roll: Rollout, reward_fns: Mapping[str, Callable], config: Any) -> Scored:
+  """Every reward on the decoded images (`score_images`); top-k group advantages of
+  `reward.train_on`'s."""
   g = config.grpo
-  rewards = {
-    name: np.asarray(fn(roll.images, roll.group_prompts)) for name, fn in reward_fns.items()
-  }
+  rewards = score_images(phases, reward_fns, roll.images, roll.group_prompts)
   reward = jnp.asarray(rewards[config.reward.train_on]).reshape(len(roll.prompts), -1)
   advantages, mask = advantages_lib.topk_group_advantages(
     reward, g.topk, stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
@@ -247,15 +294,17 @@ def minibatches(
   traj, advantages = roll.trajectory, np.asarray(scored.advantages).reshape(-1)
   batches = []
   for idx in np.array_split(order, config.train.num_minibatches):
-    rows = dict(
-      latents=traj.latents[:, idx],
-      log_probs=traj.log_probs[:, idx],
-      advantages=advantages[idx],
-      mask=np.ones(len(idx), bool),
-      prompt_embeds=roll.prompt_embeds[idx],
-      pooled=roll.pooled[idx],
+    # Device arrays are gathered on the devices (they may span processes), host ones placed.
+    on_mesh = dict(
+      latents=traj.latents,
+      log_probs=traj.log_probs,
+      prompt_embeds=roll.prompt_embeds,
+      pooled=roll.pooled,
     )
-    batches.append({k: phases.put(v, BATCH_AXES[k]) for k, v in rows.items()})
+    batch = {k: phases.take(v, idx, BATCH_AXES[k]) for k, v in on_mesh.items()}
+    batch["advantages"] = phases.put(advantages[idx])
+    batch["mask"] = phases.put(np.ones(len(idx), bool))
+    batches.append({k: batch[k] for k in BATCH_AXES})
   return batches
 
 

@@ -54,6 +54,12 @@ def oracle_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
   )
 
 
+def on_mesh(fn: RewardFn) -> bool:
+  """Whether a reward runs on the devices (its batch split over the mesh, so every process
+  passes every image), rather than on the host (each process scores its own rows)."""
+  return bool(getattr(fn, "on_mesh", False))
+
+
 def load_spatial_score(config: Any, mesh: jax.sharding.Mesh):
   """The SpatialScore model `config.reward` names, or None when there is none."""
   from spatial_jax.reward.inference import SpatialScore  # Lazy: the Qwen stack.
@@ -83,7 +89,12 @@ def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
   fns: dict[str, RewardFn] = {}
   model = load_spatial_score(config, mesh)
   if model is not None:
-    fns["spatial_score"] = lambda images, prompts: model.score(images, prompts)[0]
+
+    def spatial_score(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+      return model.score(images, prompts)[0]
+
+    spatial_score.on_mesh = True  # One jitted call over the whole mesh (`on_mesh`).
+    fns["spatial_score"] = spatial_score
   if r.oracle:
     fns["oracle"] = oracle_reward
     fns["oracle_soft"] = oracle_soft_reward

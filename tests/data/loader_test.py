@@ -138,8 +138,24 @@ def test_shards_are_disjoint_and_cover_each_epoch(folder):
   assert set(shards[0][:per_shard]) != set(shards[0][per_shard:])
 
 
+def test_shards_concatenated_are_the_global_batches(folder):
+  # 3 processes with 2 pairs each read what one process reads with 6, row for row, across the
+  # epoch boundary too (a run gives the same batches on any number of processes).
+  one = list(_loader(folder, batch_size=6, num_epochs=3))
+  shards = [
+    list(_loader(folder, batch_size=2, num_epochs=3, shard_index=i, shard_count=3))
+    for i in range(3)
+  ]
+  assert all(len(s) == len(one) == 6 for s in shards)
+  for b, batch in enumerate(one):
+    for key in ("id", "index", "chosen"):
+      joined = np.concatenate([s[b][key] for s in shards])
+      np.testing.assert_array_equal(joined, batch[key], err_msg=f"batch {b} {key}")
+
+
 def test_uneven_shards_give_equal_batch_counts(folder):
-  # 12 pairs over 5 shards: 2 dropped per epoch so every process steps in lockstep.
+  # 12 pairs, 5 shards of 2: one global batch of 10, the last 2 dropped, so every process steps
+  # in lockstep.
   shards = [
     _ids(list(_loader(folder, batch_size=2, num_epochs=1, shard_index=i, shard_count=5)))
     for i in range(5)

@@ -42,7 +42,7 @@ def test_one_step_through_the_phases_on_a_two_device_mesh():
   with sharding.use_mesh(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
     roll = loop.rollout(phases, policy, trainable, frozen, PROMPTS, jax.random.key(0))
-    scored = loop.score(roll, {"brightness": brightness}, config)
+    scored = loop.score(phases, roll, {"brightness": brightness}, config)
     batches = loop.minibatches(phases, roll, scored, config, step=1)
     before = jax.tree.map(np.asarray, trainable)
     trainable, opt_state, aux = loop.update(phases, trainable, opt_state, frozen, batches)
