@@ -363,6 +363,22 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put` that also works across processes: an array local to one process (host
+  data, or a jax array on its own devices) that every process holds the same copy of goes
+  through the host to devices of other processes; a global array is resharded on the devices.
+  `shardings`: one sharding for every leaf, or a matching pytree."""
+
+  def put(x: Any, to: jax.sharding.Sharding) -> Any:
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not to.is_fully_addressable:
+      x = np.asarray(x)
+    return jax.device_put(x, to)
+
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
 def take(x: jax.Array, indices: Any, axis: int, out_sharding: NamedSharding) -> jax.Array:
   """`jnp.take(x, indices, axis)` placed as `out_sharding`, for arrays that span processes too.
 

@@ -9,6 +9,7 @@ end as an uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 import multihost_util
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # End to end: several processes through jax.distributed.
@@ -157,3 +159,74 @@ def test_grpo_dead_process_stops_the_other_and_the_rerun_resumes(grpo_runs, tmp_
   os.makedirs(tmp_path / "rerun")
   _run(_two_processes(GRPO, workdir, multihost_util.free_port()), str(tmp_path / "rerun"))
   _assert_same_end(workdir, str(grpo_runs / "two"), "final/lora/pytorch_lora_weights.safetensors")
+
+
+def test_text_encoder_two_processes_match_one(tmp_path):
+  _one_and_two(["configs/text_encoder_synthetic.py:smoke"], tmp_path)
+  _assert_same_end(str(tmp_path / "two"), str(tmp_path / "one"), "final/model.safetensors")
+
+
+def _files(folder):
+  """Relative path -> bytes of every file under `folder` but the run's records and timings."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      if name not in ("config.json", "stats.json", "metrics.json", "review.html"):
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, folder)] = f.read()
+  return out
+
+
+def _flat(tree, prefix=""):
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+  if isinstance(tree, list):
+    return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}/").items()}
+  return {prefix.rstrip("/"): tree}
+
+
+def _assert_same_values(got, ref, what):
+  """The same keys; numbers within 1e-3 (timings aside), everything else equal."""
+  got, ref = _flat(got), _flat(ref)
+  assert set(got) == set(ref), what
+  for key, value in ref.items():
+    if "seconds" in key or "by_this_run" in key:  # Timings; what a resumed run added.
+      continue
+    if isinstance(value, float):
+      assert got[key] == pytest.approx(value, abs=1e-3), f"{what}: {key}"
+    else:
+      assert got[key] == value, f"{what}: {key}"
+
+
+@pytest.mark.parametrize(
+  "config, record, resumed",
+  [
+    (["configs/sample.py:smoke"], "metrics.json", False),
+    (["configs/pairs_flux.py:smoke"], "stats.json", True),
+  ],
+  ids=["sample", "pairs_generate"],
+)
+def test_outputs_of_two_processes_match_one(tmp_path, config, record, resumed):
+  if resumed:  # Two processes make the first half, then the command continues the folder.
+    os.makedirs(tmp_path / "half")
+    half = config + ["--config.num_prompts=8"]
+    _run(
+      _two_processes(half, str(tmp_path / "two"), multihost_util.free_port()),
+      str(tmp_path / "half"),
+    )
+    assert len(open(tmp_path / "two" / "perturbations.jsonl").readlines()) == 8
+  _one_and_two(config, tmp_path)
+  one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+  assert sorted(two) == sorted(one) and any(name.endswith(".png") for name in one)
+  for name, data in one.items():
+    if name.endswith(".png"):  # Pixels within one level (the reductions' rounding differs).
+      a = np.asarray(Image.open(io.BytesIO(data)), np.int16)
+      b = np.asarray(Image.open(io.BytesIO(two[name])), np.int16)
+      assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+    elif name.endswith(".jsonl"):  # Pairs, perturbations, samples: the same rows.
+      rows = [[json.loads(line) for line in d.decode().splitlines()] for d in (data, two[name])]
+      assert rows[0], name
+      _assert_same_values(rows[1], rows[0], name)
+  records = [json.load(open(tmp_path / r / record)) for r in ("two", "one")]
+  _assert_same_values(*records, record)

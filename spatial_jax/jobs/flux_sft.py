@@ -164,7 +164,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if config.text.get("t5_trainable", False):
     t5_graphdef, t5_params = nnx.split(encoder.encoders.t5)
     # Copies on the mesh (replicated): the step donates them; the encoder keeps its own.
-    t5_params = jax.device_put(jax.tree.map(np.asarray, t5_params), replicated)
+    t5_params = sharding.place(jax.tree.map(jnp.copy, t5_params), replicated)
     trainable = dict(transformer=trainable, t5=t5_params)
     trainable_sh = dict(transformer=trainable_sh, t5=jax.tree.map(lambda _: replicated, t5_params))
     logging.info("T5 trains with the transformer: %.3fM parameters", count(t5_params) / 1e6)
@@ -258,9 +258,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if gallery_noise is None:
       return {}
     params = sampling_params()
-    # Host copies placed on the mesh: local arrays cannot meet other processes' devices.
+    # Placed on the mesh (replicated): local arrays cannot meet other processes' devices.
     inputs = (*encoder(gallery.prompts), gallery_noise, encoder([""]))
-    inputs = jax.device_put(jax.tree.map(np.asarray, inputs), replicated)
+    inputs = sharding.place(inputs, replicated)
     with sharding.use_mesh(mesh, rules):
       samples = p_sample(params, frozen, *inputs)
     samples = unit_to_uint8(samples)

@@ -31,6 +31,12 @@ Writes into the workdir, itself a pairs folder (`reward_train` with `data.pairs=
 Resumable: a pair's id derives from its prompt's index and text; a rerun skips prompts already in
 pairs.jsonl, dropped/ or (without a relation) perturbations.jsonl and makes the rest, so an
 interrupted build continues without duplicates or gaps (`pairs.PairsWriter` writes rows whole).
+
+Several processes (`jax.distributed`): process 0 perturbs, judges and writes the one folder;
+every process takes part in sampling each call (its batch split over the whole mesh) and in a
+judge that runs on the devices (SpatialScore). The pairs are those one process would write. A
+crash of any process stops the others (jax's coordination service); rerunning the command
+resumes from process 0's files.
 """
 
 from __future__ import annotations
@@ -285,6 +291,7 @@ class Judge:
   name: str
   model: str
   score: Callable[[list[np.ndarray], list[str]], tuple[np.ndarray, np.ndarray | None]]
+  on_mesh: bool = False  # Runs on the devices: every process of a multi-process run calls it.
 
 
 def make_judge(config: Any, mesh: Any) -> Judge:
@@ -297,7 +304,7 @@ def make_judge(config: Any, mesh: Any) -> Judge:
       scores = [oracle.score_prompt(im, p).fraction for im, p in zip(images, prompts, strict=True)]
       return np.asarray(scores, np.float32), None
 
-    return Judge("oracle", "oracle", oracle_score)
+    return Judge("oracle", "oracle", oracle_score)  # On the host: process 0 alone judges.
   if j.name != "spatial_score":
     raise ValueError(f"config.judge.name={j.name!r}; use one of {JUDGES}")
   from spatial_jax.reward.inference import SpatialScore  # Lazy: the Qwen stack.
@@ -319,7 +326,9 @@ def make_judge(config: Any, mesh: Any) -> Judge:
       "workdir or a SpatialScore export); in the synthetic world config.judge.name='oracle' works "
       "without one."
     )
-  return Judge("spatial_score", source, lambda images, prompts: model.score(images, prompts))
+  return Judge(
+    "spatial_score", source, lambda images, prompts: model.score(images, prompts), on_mesh=True
+  )
 
 
 def _check_oracle_prompts(prompts: list[str], todo: list[int], where: str) -> None:
@@ -353,11 +362,14 @@ def _generate(
   prompts: list[str],
   ids: list[str],
   todo: list[int],
-  log: JsonlLog,
-  kept: pairs.PairsWriter,
-  dropped: pairs.PairsWriter,
+  perturbations: dict[str, dict[str, Any]],
+  kept: pairs.PairsWriter | None,
+  dropped: pairs.PairsWriter | None,
 ) -> collections.Counter:
-  """Generates, judges and writes the pairs of `todo`; returns the written counts by outcome."""
+  """Generates, judges and writes the pairs of `todo`; returns the written counts by outcome.
+
+  Without writers (the other processes of a multi-process run) it takes part in the sampling
+  (and a judge on the mesh) and writes nothing: process 0 holds every image and writes."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -394,7 +406,7 @@ def _generate(
   )
 
   def put(x):
-    return jax.device_put(x, sharding.data_sharding(mesh, rules, np.ndim(x)))
+    return sharding.place(x, sharding.data_sharding(mesh, rules, np.ndim(x)))
 
   written: collections.Counter = collections.Counter()
   progress = metrics.Progress(
@@ -402,7 +414,7 @@ def _generate(
   )
   for first in range(0, len(todo), per_call):
     group = todo[first : first + per_call]
-    rows = [log.rows[ids[i]] for i in group]
+    rows = [perturbations[ids[i]] for i in group]
     texts = [prompts[i] for i in group] + [r["perturbed_prompt"] for r in rows]
     noise_ks = [_noise_index(i, False, shared) for i in group]
     noise_ks += [_noise_index(i, True, shared) for i in group]
@@ -418,6 +430,10 @@ def _generate(
     images = generator_lib.unit_to_uint8(decode(latents))[: 2 * len(group)]
     chosen, rejected = images[: len(group)], images[len(group) :]
     originals = [prompts[i] for i in group]
+    if kept is None:  # Another process: its part of the mesh's work only.
+      if judge.on_mesh:
+        judge.score(list(chosen) + list(rejected), originals + originals)
+      continue
     mu, sigma = judge.score(list(chosen) + list(rejected), originals + originals)
     mu = np.asarray(mu, np.float64)
     for j, (i, row) in enumerate(zip(group, rows, strict=True)):
@@ -461,6 +477,43 @@ def _generate(
       written["kept" if reason is None else reason] += 1
     progress.update(first + len(group))
   return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: process 0 perturbs, judges and writes; every process samples its share.
+
+
+def _share_todo(todo: list[int]) -> list[int]:
+  """Process 0's prompts to generate, on every process (the others wait here while process 0
+  perturbs: its files then hold every perturbation they read)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return todo
+  from jax.experimental import multihost_utils
+
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(todo))))
+  if n == 0:
+    return []
+  mine = np.asarray(todo if jax.process_index() == 0 else np.zeros(n), np.int32)
+  return [int(i) for i in multihost_utils.broadcast_one_to_all(mine)]
+
+
+def _follow(config: Any, workdir: str, prompts: list[str], ids: list[str]) -> dict[str, Any]:
+  """A process other than 0: samples its part of every call of process 0's run."""
+  import jax
+
+  todo = _share_todo([])
+  if todo:
+    perturbations = {}
+    with open(os.path.join(workdir, PERTURBATIONS_FILE), encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          perturbations[row["id"]] = row
+    _generate(config, prompts, ids, todo, perturbations, None, None)
+  logging.info("Process %d sampled its share; process 0 writes %s", jax.process_index(), workdir)
+  return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,8 +622,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """Builds (or continues) the pairs folder in `workdir`; returns the statistics (stats.json)."""
   import jax
 
-  if jax.process_count() > 1:
-    raise NotImplementedError("pairs_generate runs in one process (any number of local devices).")
   if not 0.0 <= config.test_fraction < 1.0:
     raise ValueError(f"config.test_fraction must be in [0, 1), got {config.test_fraction}")
   if config.judge.name not in JUDGES:
@@ -578,9 +629,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   if config.perturb.method not in PERTURBERS:
     raise ValueError(f"config.perturb.method={config.perturb.method!r}; use one of {PERTURBERS}")
   start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   prompts, where = load_prompts(config)
   ids = [pair_id(i, p) for i, p in enumerate(prompts)]
+  if jax.process_index() > 0:
+    return _follow(config, workdir, prompts, ids)
+  os.makedirs(workdir, exist_ok=True)
   _check_settings(config, workdir)  # Before anything is written into an existing folder.
   metrics.write_config_json(workdir, config)
 
@@ -597,8 +650,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     todo = [i for i in todo if log.rows[ids[i]]["perturbed_prompt"]]
     if todo and config.judge.name == "oracle":
       _check_oracle_prompts(prompts, todo, where)
+    todo = _share_todo(todo)
     if todo:
-      written = _generate(config, prompts, ids, todo, log, kept, dropped)
+      written = _generate(config, prompts, ids, todo, log.rows, kept, dropped)
     kept_records = pairs.read_pairs(workdir)
     dropped_records = pairs.read_pairs(os.path.join(workdir, DROPPED_DIR))
     stats = _statistics(kept_records, dropped_records, log)

@@ -64,7 +64,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   logging.info("Sampling %d prompts x %d images (%s)", len(prompts), n, policy.source)
 
   start = time.time()
+  # Prompts per call: the batch (chunk x n images) splits over the mesh's batch shards, across
+  # processes too; every process places the same host inputs and gets every image back.
+  shards = sharding.batch_shard_count(mesh, rules)
   chunk = max(1, config.batch_size // n)
+  while (chunk * n) % shards:
+    chunk += 1
+  split = lambda x: sharding.place(x, sharding.data_sharding(mesh, rules, np.ndim(x)))  # noqa: E731
   images = []
   with sharding.use_mesh(mesh, rules):
     for first in range(0, len(prompts), chunk):
@@ -72,30 +78,35 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       real = len(group) * n
       # The last chunk is padded with copies of its last prompt: one compiled program.
       group = group + group[-1:] * (chunk - len(group))
-      embeds, pooled = (jnp.repeat(x, n, axis=0) for x in policy.encode(group))
+      embeds, pooled = (split(jnp.repeat(x, n, axis=0)) for x in policy.encode(group))
       keys = [
         jax.random.fold_in(jax.random.key(config.seed), (first + i) * n + j)
         for i in range(len(group))
         for j in range(n)
       ]
       noise = jnp.stack([jax.random.normal(k, policy.latent_shape, jnp.float32) for k in keys])
-      latents = sample(state, nnx.State({}), embeds, pooled, noise)
+      latents = sample(state, nnx.State({}), embeds, pooled, split(noise))
       images.append(generator_lib.unit_to_uint8(policy.decode(latents))[:real])
   images = np.concatenate(images)
   seconds = time.time() - start
 
   from PIL import Image
 
+  # Each process writes the PNGs of its block of prompts; process 0 the rest (one folder).
+  mine = sharding.process_rows(len(prompts), mesh, rules) or slice(0, len(prompts))
   rows = []
   for i, prompt in enumerate(prompts):
-    files = []
-    for j in range(n):
-      name = os.path.join("images", f"{i:05d}_{j}.png")
-      buf = io.BytesIO()
-      Image.fromarray(images[i * n + j]).save(buf, format="PNG")
-      fileio.write_atomic(os.path.join(workdir, name), buf.getvalue())
-      files.append(name)
+    files = [os.path.join("images", f"{i:05d}_{j}.png") for j in range(n)]
+    for j, name in enumerate(files):
+      if mine.start <= i < mine.stop:
+        buf = io.BytesIO()
+        Image.fromarray(images[i * n + j]).save(buf, format="PNG")
+        fileio.write_atomic(os.path.join(workdir, name), buf.getvalue())
     rows.append(dict(prompt=prompt, files=files))
+  if jax.process_count() > 1:  # Every image is on disk before the summary says it is done.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("spatial_jax.jobs.sample:images")
   report = generator_lib.oracle_report(images, prompts, n)
   if report:
     from spatial_jax.data import oracle
@@ -108,10 +119,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   metrics.write_images(
     None, 0, "grid", images[: grid_rows * n], png_path=os.path.join(workdir, "grid.png"), ncols=n
   )
-  fileio.write_atomic(
-    os.path.join(workdir, "samples.jsonl"),
-    "".join(json.dumps(r) + "\n" for r in rows).encode(),
-  )
+  if jax.process_index() == 0:
+    fileio.write_atomic(
+      os.path.join(workdir, "samples.jsonl"),
+      "".join(json.dumps(r) + "\n" for r in rows).encode(),
+    )
   summary = dict(
     model=policy.source,
     lora=config.model.lora or None,

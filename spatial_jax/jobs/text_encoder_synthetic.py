@@ -72,12 +72,13 @@ def check_config(config: Any, batch_shards: int) -> None:
 
 def evaluate(eval_fn, params, rest, batch, ridge: float) -> tuple[dict[str, float], dict]:
   """Held-out losses / parse sign accuracy, and the probe on the trained features."""
-  aux = jax.device_get(eval_fn(params, rest, batch))
+  aux = jax.tree.map(sharding.to_host, eval_fn(params, rest, batch))  # Gathered across processes.
   features = np.asarray(aux.pop("features"), np.float32)
   aux.pop("predicted")
   scalars = {k: float(v) for k, v in aux.items()}
+  host = {k: sharding.to_host(batch[k]) for k in ("targets", "target_mask", "colour")}
   probe = text_pretrain.probe_accuracy(
-    features, batch["targets"], batch["target_mask"], ridge=ridge, colour=batch["colour"]
+    features, host["targets"], host["target_mask"], ridge=ridge, colour=host["colour"]
   )
   return scalars, probe
 
@@ -99,7 +100,11 @@ def random_baseline(config: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]
 
 
 def export(directory: str, encoder, max_length: int) -> str:
-  """Writes the encoder as a transformers T5 folder with the tokenizer, all or nothing."""
+  """Writes the encoder as a transformers T5 folder with the tokenizer, all or nothing. Every
+  process calls it (sharded weights are gathered); process 0 writes."""
+  if jax.process_index() != 0:
+    t5_params.save_pretrained(encoder, directory)  # Takes part in the gather; writes nothing.
+    return directory
   with fileio.atomic_directory(directory) as tmp:
     ids = {name: tokenizer_lib.vocabulary().index(token) for name, token in _ID_TOKENS}
     t5_params.save_pretrained(encoder, tmp, **ids)
@@ -111,9 +116,8 @@ def export(directory: str, encoder, max_length: int) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates, checkpoints, probes and exports `final/`; returns the summary."""
   # -- Mesh and checks -----------------------------------------------------------------------
-  if jax.process_count() > 1:
-    # The model is tiny (minutes on one CPU); feeding per-process slices is not written.
-    raise NotImplementedError("text_encoder_synthetic runs in one process (any local devices).")
+  # Several processes: every one builds the same host batches (prompts drawn from (seed, step))
+  # and places them on the global mesh; process 0 writes.
   os.makedirs(workdir, exist_ok=True)  # main.py writes config.json; Colab and tests call run().
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)

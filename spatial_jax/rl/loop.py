@@ -140,10 +140,7 @@ def jit_phases(
     return sharding.named_sharding(mesh, tuple(names), rules)
 
   def put(x: Any, batch_axis: int = 0) -> jax.Array:
-    to = split(np.ndim(x), batch_axis)
-    if isinstance(x, jax.Array) and not to.is_fully_addressable:
-      x = np.asarray(x)  # A local array reaches other processes' devices from the host.
-    return jax.device_put(x, to)
+    return sharding.place(x, split(np.ndim(x), batch_axis))
 
   def take(x: jax.Array, rows: Any, batch_axis: int = 0) -> jax.Array:
     return sharding.take(x, rows, batch_axis, split(x.ndim, batch_axis))

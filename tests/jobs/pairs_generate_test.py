@@ -209,11 +209,11 @@ def test_non_spatial_prompts_are_skipped_and_counted(tmp_path, monkeypatch):
   (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
   generated = []
 
-  def fake_generate(config, prompts, ids, todo, log, kept, dropped):
+  def fake_generate(config, prompts, ids, todo, perturbations, kept, dropped):
     # Stands in for the models: the test is about what reaches them and how it is counted.
     generated.append(list(todo))
     for i in todo:
-      row = log.rows[ids[i]]
+      row = perturbations[ids[i]]
       kept.add(
         id=ids[i],
         prompt=prompts[i],
