@@ -12,6 +12,13 @@ Bring the weights and data yourself (nothing is downloaded):
   python -m spatial_jax.main --config configs/grpo_flux_dev.py --workdir /ckpt/grpo_dev \
     --config.model.pipeline=/data/FLUX.1-dev --config.reward.spatial_score=/ckpt/spatial_score \
     --config.data.prompts=/data/spatial_prompts.txt
+  # The paper's cluster, 4 nodes x 8 GPUs (one process per GPU; launch/slurm.sbatch):
+  sbatch --nodes=4 launch/slurm.sbatch configs/grpo_flux_dev.py:nodes=4 /shared/grpo_dev ...
+  # A TPU v5p-64 slice, 8 hosts x 4 chips (launch/tpu_pod.sh):
+  launch/tpu_pod.sh my-v5p-64 us-east5-a configs/grpo_flux_dev.py:nodes=8,chips=4 /mnt/gcs/grpo ...
+
+`nodes=N,chips=C` (default 1 node): FSDP over a host's C devices, data-parallel over the N hosts,
+the 96 kept samples of a step in minibatches of one per device.
 
 The paper: G = 24 images per prompt, the top-6 and bottom-6 rewards trained (k = 6), lr 3e-4,
 clip range 1e-4, KL beta 0.01, LoRA rank 32 (alpha 64, Flow-GRPO's SD3 ratio). FLUX.1-dev guides
@@ -26,7 +33,7 @@ from spatial_jax import configs_lib
 
 
 def get_config(arg=None):
-  arg = configs_lib.parse_arg(arg, smoke=False)
+  arg = configs_lib.parse_arg(arg, smoke=False, nodes=1, chips=8)
   config = configs_lib.base_config("grpo")
   config.mesh = [["data", 1], ["fsdp", -1], ["tensor", 1]]
   config.data = dict(
@@ -82,6 +89,18 @@ def get_config(arg=None):
   )
   config.eval = dict(every_steps=50, num_prompts=32, num_steps=28, seed=0)
   config.log_every_secs = 60.0
+  if arg.nodes > 1:
+    # Several hosts of `chips` devices (the paper: 4 nodes x 8 H20): FSDP within a host, data
+    # parallel across hosts, and minibatches of one kept sample per device.
+    devices = arg.nodes * arg.chips
+    kept = config.grpo.prompts_per_step * 2 * config.grpo.topk
+    if kept % devices:
+      raise ValueError(
+        f"configs/grpo_flux_dev.py:nodes={arg.nodes},chips={arg.chips}: the {kept} kept samples "
+        f"of a step do not split over {devices} devices; change grpo.prompts_per_step."
+      )
+    config.mesh = [["data", arg.nodes], ["fsdp", arg.chips], ["tensor", 1]]
+    config.train.num_minibatches = kept // devices
   if arg.smoke:
     raise ValueError(
       "grpo_flux_dev needs FLUX.1-dev weights; the smoke run of GRPO is configs/grpo_synthetic.py"

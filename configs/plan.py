@@ -35,6 +35,8 @@ def row(name, step, experiment, *, devices=8, mesh=None, remat="none", set=(), *
     flux="flux1_dev",  # FluxConfig preset of the GRPO rows.
     flux_overrides={},
     vae_scale_factor=8,
+    encoders="flux1",  # T5 / CLIP / VAE of the resident-set rows: "flux1" or "tiny".
+    reward=REWARD,  # The SpatialScore config of the resident-set rows.
   )
   fields.update(extra)
   return fields
@@ -70,6 +72,24 @@ def flux_dev_grpo():
       row(f"rollout {res} P=2 v5p", "grpo_rollout", GRPO, devices=4, set=two_prompts),
       row(f"train {res} full v5p", "grpo_train", GRPO, devices=4, remat="full", set=size),
     ]
+  # The paper's cluster (`grpo_flux_dev.py:nodes=4`): 4 nodes x 8 GPUs, FSDP within a node and
+  # data-parallel across nodes. The whole rollout (8 prompts x 24 = 192 samples, 6 a device) in
+  # one call; the 96 kept samples in 3 minibatches of 32 (one a device).
+  paper = dict(devices=32, mesh=[["data", 4], ["fsdp", 8]])
+  for res in (512, 1024):
+    size = [("data.image_size", res)]
+    rows += [
+      row(f"rollout {res} P=8 4x8", "grpo_rollout", GRPO + ":nodes=4", set=size, **paper),
+      row(
+        f"train {res} full 4x8", "grpo_train", GRPO + ":nodes=4", remat="full", set=size, **paper
+      ),  # fmt: skip
+    ]
+  # Everything the real job holds on the devices at once (policy + LoRA + Adam, T5-XXL, CLIP-L,
+  # VAE, SpatialScore-7B), with the reward call of 32 sequences.
+  rows += [
+    row("resident 8x", "grpo_resident", GRPO),
+    row("resident 4x8", "grpo_resident", GRPO + ":nodes=4", **paper),
+  ]
   return rows
 
 
@@ -102,6 +122,16 @@ def tiny():
     row("tiny reward", "reward_train", REWARD, devices=2, set=reward_set),
     row("tiny rollout", "grpo_rollout", GRPO, devices=2, set=grpo_set, **flux),
     row("tiny train", "grpo_train", GRPO, devices=2, remat="full", set=grpo_set, **flux),
+    row(
+      "tiny resident",
+      "grpo_resident",
+      GRPO,
+      devices=2,
+      set=grpo_set + [("reward.batch_size", 4)],
+      encoders="tiny",
+      reward="configs/reward_synthetic.py:smoke",
+      **flux,
+    ),  # fmt: skip
   ]
 
 

@@ -4,6 +4,10 @@
 #   launch/tpu_pod.sh my-v5p-64 us-east5-a configs/reward_qwen25vl_7b.py /mnt/gcs/reward \
 #       --config.model.pretrained=/mnt/gcs/Qwen2.5-VL-7B-Instruct --config.data.pairs=/mnt/gcs/pairs
 #   launch/tpu_pod.sh --dry-run my-v5p-64 us-east5-a configs/reward_synthetic.py:smoke /mnt/gcs/r
+#   # The paper's GRPO on a v5p-64 slice (8 hosts x 4 chips: FSDP within a host):
+#   launch/tpu_pod.sh my-v5p-64 us-east5-a configs/grpo_flux_dev.py:nodes=8,chips=4 /mnt/gcs/grpo \
+#       --config.model.pipeline=/mnt/gcs/FLUX.1-dev --config.reward.spatial_score=/mnt/gcs/ss \
+#       --config.data.prompts=/mnt/gcs/spatial_prompts.txt
 #
 # Every worker runs `python -m spatial_jax.main --config CONFIG --workdir WORKDIR` at once, with
 # SPATIAL_JAX_DISTRIBUTED=1 so that main.py calls jax.distributed.initialize(), which finds the

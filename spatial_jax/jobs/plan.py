@@ -37,7 +37,8 @@ from spatial_jax import configs_lib, lora, sharding
 
 GB = 1e9
 # (name, chips, memory per chip in GB): the targets the table answers for.
-TARGETS = (("H20", 8, 96.0), ("H100", 8, 80.0), ("v5p", 4, 95.0))
+# 4 x 8 H20 is the paper's GRPO cluster.
+TARGETS = (("H20", 8, 96.0), ("H100", 8, 80.0), ("v5p", 4, 95.0), ("4x8 H20", 32, 96.0))
 
 
 def configure_devices(config: Any) -> None:
@@ -125,12 +126,10 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
 # -- The steps -----------------------------------------------------------------------------------
 
 
-def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
-  """`reward_train`'s jitted step on abstract SpatialScore state and a batch of pairs."""
-  from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, ModelInputs, Qwen25VLModel, vision
-  from spatial_jax.models.qwen25vl.processor import ImageProcessor
+def _spatial_score(config: Any, mesh, rules):
+  """(graphdef, trainable, frozen) of `reward_train`'s SpatialScore model, abstract."""
+  from spatial_jax.models.qwen25vl import DEFAULT_LORA_TARGETS, Qwen25VLModel
   from spatial_jax.reward import build
-  from spatial_jax.reward import step as reward_step
   from spatial_jax.reward.model import SpatialScoreModel, trainable_filter
 
   m = config.model
@@ -147,33 +146,51 @@ def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
     return SpatialScoreModel(backbone, reward_token_id=reward_id, head_hidden=m.head_hidden,
                              rngs=nnx.Rngs(2))  # fmt: skip
 
-  graphdef, trainable, frozen = abstract_split(ctor, trainable_filter(m.trainable), mesh, rules)
-  tx = reward_step.make_optimizer(config)
-  opt_state = abstract_opt_state(tx, trainable)
+  return abstract_split(ctor, trainable_filter(m.trainable), mesh, rules)
 
-  # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs); 4B
-  # with `train.perturbed_pairs`. The grounding targets (a few floats a row) are left out.
-  v = bconfig.vision
-  rows_per_pair = build.rows_per_pair(config)
-  seqs, length = rows_per_pair * config.train.batch_size, config.data.max_length
-  side = config.data.image_size
+
+def _spatial_score_inputs(config: Any, seqs: int, mesh, rules):
+  """SpatialScore's inputs for `seqs` sequences of `data.max_length` tokens, one image each."""
+  from spatial_jax.models.qwen25vl import ModelInputs, vision
+  from spatial_jax.models.qwen25vl.processor import ImageProcessor
+  from spatial_jax.reward import build
+
+  v = build.backbone_config(config).vision
+  length, side = config.data.max_length, config.data.image_size
   h, w = ImageProcessor.from_config(v).resized_size(side, side)  # As build.build's processor.
   grid = np.tile([[1, h // v.patch_size, w // v.patch_size]], (seqs, 1))
   meta = vision.vision_metadata(grid, v)  # Host-side index arrays (no pixels needed).
   replicated = lambda x: _abstract(np.shape(x), np.asarray(x).dtype, mesh)  # noqa: E731
-  inputs = ModelInputs(
+  return ModelInputs(
     input_ids=_batch((seqs, length), jnp.int32, mesh, rules),
     attention_mask=_batch((seqs, length), jnp.int32, mesh, rules),
     position_ids=_batch((3, seqs, length), jnp.int32, mesh, rules, axis=1),
     pixel_values=_batch((meta.num_patches, v.patch_dim), jnp.float32, mesh, rules),
     vision_meta=jax.tree.map(replicated, meta),
   )
+
+
+def reward_train_program(config: Any, mesh, rules) -> dict[str, Any]:
+  """`reward_train`'s jitted step on abstract SpatialScore state and a batch of pairs."""
+  from spatial_jax.reward import build
+  from spatial_jax.reward import step as reward_step
+
+  graphdef, trainable, frozen = _spatial_score(config, mesh, rules)
+  tx = reward_step.make_optimizer(config)
+  opt_state = abstract_opt_state(tx, trainable)
+
+  # One batch: B pairs -> 2B sequences of max_length tokens, one image each (pair_inputs); 4B
+  # with `train.perturbed_pairs`. The grounding targets (a few floats a row) are left out.
+  rows_per_pair = build.rows_per_pair(config)
+  seqs = rows_per_pair * config.train.batch_size
+  inputs = _spatial_score_inputs(config, seqs, mesh, rules)
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   step = reward_step.make_train_step(graphdef, tx, config, jax.random.key(config.seed))
   replicated_metrics = sharding.named_sharding(mesh, (), rules)  # As reward_train.run jits it.
   fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_sh, None, replicated_metrics))
   batch = build.PairBatch(inputs, rows_per_pair=rows_per_pair)
   args = (trainable, opt_state, frozen, batch, _abstract((), jnp.int32, mesh))
+  length, side = config.data.max_length, config.data.image_size
   shape = f"{config.train.batch_size} pairs: {seqs} x {length} tok, {side}px"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
 
@@ -264,6 +281,70 @@ def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)
 
 
+def grpo_resident_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
+  """The real `grpo` job's resident set on one mesh, measured as its reward call.
+
+  Every model the job holds on the devices at once: the FLUX policy + LoRA with the LoRA's Adam
+  state, T5-XXL and CLIP-L (prompt encoding), the VAE (decoding) and SpatialScore
+  (`row.reward`'s config, Qwen2.5-VL-7B + its LoRA). The program is SpatialScore scoring one
+  call of `reward.batch_size` sequences, with every other model's weights as (kept) arguments:
+  its arguments are the resident set per device, its temporaries the reward call's. The job's
+  peak is about the resident set plus the largest temporaries of its rollout / train / reward
+  calls (the rollout and train rows count the policy's weights once more)."""
+  from spatial_jax.models.clip import CLIPTextConfig, CLIPTextModel
+  from spatial_jax.models.t5 import T5Config, T5EncoderModel
+  from spatial_jax.models.vae import AutoencoderKL, VAEConfig
+  from spatial_jax.rl import steps as steps_lib
+
+  _, trainable, frozen, _, _ = _flux_policy(config, row, mesh, rules)
+  opt_state = abstract_opt_state(steps_lib.make_optimizer(config), trainable)
+  dtypes = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  presets = dict(
+    flux1=(T5Config.t5_v1_1_xxl, CLIPTextConfig.clip_l, VAEConfig.flux1),
+    tiny=(
+      lambda **d: T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, **d),
+      lambda **d: CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, **d
+      ),  # fmt: skip
+      lambda **d: VAEConfig.flux1(block_out_channels=(32, 32, 32, 32), norm_num_groups=8, **d),
+    ),
+  )
+  if row.encoders not in presets:
+    raise ValueError(f"Row {row.name!r}: encoders={row.encoders!r}; known: {sorted(presets)}.")
+  t5_config, clip_config, vae_config = (make(**dtypes) for make in presets[row.encoders])
+  encoders = {
+    name: abstract_split(ctor, nnx.Param, mesh, rules)[1]
+    for name, ctor in (
+      ("t5", lambda: T5EncoderModel(t5_config, rngs=nnx.Rngs(0))),
+      ("clip", lambda: CLIPTextModel(clip_config, rngs=nnx.Rngs(0))),
+      ("vae", lambda: AutoencoderKL(vae_config, rngs=nnx.Rngs(0))),
+    )
+  }
+  path, _, arg = row.reward.partition(":")
+  reward_config = configs_lib.load_config(path, arg or None)
+  r_graphdef, r_trainable, r_frozen = _spatial_score(reward_config, mesh, rules)
+  inputs = _spatial_score_inputs(reward_config, config.reward.batch_size, mesh, rules)
+
+  def score(r_trainable, r_frozen, inputs, resident):
+    del resident  # Held on the devices by the job; the reward call does not read it.
+    return nnx.merge(r_graphdef, r_trainable, r_frozen)(inputs)
+
+  resident = dict(policy=(trainable, frozen), policy_opt_state=opt_state, **encoders)
+  fn = jax.jit(score, keep_unused=True)  # Unused arguments still count as resident.
+  shape = (
+    f"resident set; reward call {config.reward.batch_size} seqs x "
+    f"{reward_config.data.max_length} tok, {reward_config.data.image_size}px"
+  )
+  others = (frozen, r_frozen, encoders)
+  return dict(
+    fn=fn,
+    args=(r_trainable, r_frozen, inputs, resident),
+    trainable=trainable,
+    frozen=others,
+    shape=shape,
+  )
+
+
 # -- Measuring -----------------------------------------------------------------------------------
 
 
@@ -337,7 +418,7 @@ def experiment_config(row: Any):
 
 def measure(row: Any, headroom: float = 0.9) -> dict[str, Any]:
   """Lowers and compiles one row's step; returns its memory, FLOPs and timings."""
-  programs = {"reward_train": None, "grpo_rollout": None, "grpo_train": None}
+  programs = {"reward_train", "grpo_rollout", "grpo_train", "grpo_resident"}
   if row.step not in programs:
     raise ValueError(f"Row {row.name!r}: unknown step {row.step!r}; known: {sorted(programs)}.")
   config = experiment_config(row)
@@ -348,6 +429,8 @@ def measure(row: Any, headroom: float = 0.9) -> dict[str, Any]:
   with sharding.use_mesh(mesh, rules):
     if row.step == "reward_train":
       program = reward_train_program(config, mesh, rules)
+    elif row.step == "grpo_resident":
+      program = grpo_resident_program(config, row, mesh, rules)
     else:
       program = grpo_program(config, row, mesh, rules)
     lowered = program["fn"].lower(*program["args"])

@@ -26,7 +26,8 @@ def test_tiny_plan_reports_every_row_without_allocating_weights(tmp_path):
   assert smallest_model > 100_000
   assert new_bytes < smallest_model / 10, [(x.shape, x.dtype) for x in new]
 
-  assert [r["step"] for r in results] == ["reward_train", "grpo_rollout", "grpo_train"]
+  steps = ["reward_train", "grpo_rollout", "grpo_train", "grpo_resident"]
+  assert [r["step"] for r in results] == steps
   for r in results:
     assert "error" not in r, r
     assert r["argument_gb"] > 0 and r["temp_gb"] > 0, r
@@ -40,7 +41,12 @@ def test_tiny_plan_reports_every_row_without_allocating_weights(tmp_path):
   assert rollout["argument_gb"] * 1e9 < 0.75 * rollout["param_bytes"], rollout
   # A device count a target does not have gives "-", not a verdict.
   by_devices = {r["devices"]: r["fits"] for r in results}
-  assert by_devices[2] == {"H20": None, "H100": None, "v5p": None}
+  assert by_devices[2] == {"H20": None, "H100": None, "v5p": None, "4x8 H20": None}
+  # The resident set holds the policy, its Adam state, the encoders, the VAE and SpatialScore,
+  # all as arguments of the reward call (the check above: at least its shard of all of them).
+  resident = results[3]
+  assert resident["param_bytes"] > rollout["param_bytes"] + results[0]["param_bytes"], resident
+  assert resident["argument_gb"] > rollout["argument_gb"], resident
 
   saved = json.loads((tmp_path / "plan.json").read_text())
   assert [r["name"] for r in saved["rows"]] == [r["name"] for r in results]
