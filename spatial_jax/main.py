@@ -89,6 +89,11 @@ def main(argv):
     config.job,
     workdir,
   )
+  if jax.process_index() > 0 and os.environ.get("SPATIAL_JAX_LOG_ALL_PROCESSES", "") in ("", "0"):
+    # One log for a run: the other processes report warnings and errors only.
+    logging.info("Process %d logs warnings and errors only (SPATIAL_JAX_LOG_ALL_PROCESSES=1: all)",
+                 jax.process_index())  # fmt: skip
+    logging.set_verbosity(logging.WARNING)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     try:  # Refuses a workdir that holds another job's record (a model folder, say).

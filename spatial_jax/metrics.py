@@ -95,9 +95,10 @@ _warned_no_tensorboard = False
 
 
 def create_writer(workdir: str | os.PathLike[str]) -> LoggingWriter:
-  """The jobs' writer: logs on every process; TensorBoard event files in `workdir` on process 0.
+  """The jobs' writer: logs; TensorBoard event files in `workdir` on process 0.
 
-  Other processes only log, so a multi-host run writes one event stream. Without tensorboardX
+  Other processes only log (and `main.py` keeps their logs to warnings and errors), so a
+  multi-host run writes one event stream and one log. Without tensorboardX
   (`pip install -e '.[tensorboard]'`) every process only logs, with a warning the first time.
   Call `writer.flush()` at log steps and `writer.close()` at the end.
   """

@@ -109,9 +109,12 @@ def test_grpo_two_processes_match_one(grpo_runs):
   )
   # The LoRA moved (its B factors start at zero), so equal weights mean equal updates.
   assert max(float(np.abs(v).max()) for k, v in lora.items() if "lora_B" in k) > 0
-  # One writer: process 1 logged only (no second event file).
+  # One writer: process 1 logged only (no second event file), and warnings and errors only.
   events = [f for f in os.listdir(grpo_runs / "two") if f.startswith("events.out")]
   assert len(events) == 1
+  logs = [(grpo_runs / f"p{i}.log").read_text() for i in range(2)]
+  assert "Final:" in logs[0] and "Final:" not in logs[1]
+  assert "Process 1 logs warnings and errors only" in logs[1]
 
 
 def test_flux_sft_two_processes_match_one(tmp_path):
