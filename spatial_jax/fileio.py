@@ -3,16 +3,20 @@
 The data is written to a temporary file in the same directory (same filesystem), flushed
 and fsynced, then moved over the target with `os.replace`. Temporary names are
 `.<name>.<random>.tmp`, so `is_leftover` can recognise what an interrupted write left.
-`atomic_directory` does the same for a whole folder (a model export).
+`atomic_directory` does the same for a whole folder (a model export). `workdir_lock` keeps a
+workdir to one run at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -86,3 +90,49 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike[str], job: str) -> Iterator[None]:
+  """Holds `<workdir>/.lock` (an exclusive `flock`) for the block: one run per workdir.
+
+  The lock file names its holder (job, host, pid, start time). A holder that died released its
+  lock with its process, so its workdir is taken over without a question. Where there are no
+  advisory locks (Windows) the block runs unlocked.
+
+  Raises:
+    WorkdirBusyError: another live run holds the workdir; the message names it.
+  """
+  try:
+    import fcntl
+  except ImportError:
+    yield
+    return
+  path = os.path.join(os.fspath(workdir), LOCK_FILE)
+  os.makedirs(os.fspath(workdir), exist_ok=True)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "a run that has not named itself yet"
+      raise WorkdirBusyError(
+        f"{os.fspath(workdir)} is in use by another run ({holder}). Wait for it to end, stop it, "
+        "or choose another --workdir."
+      ) from None
+    f.seek(0)
+    f.truncate()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    f.write(json.dumps(dict(job=job, host=socket.gethostname(), pid=os.getpid(), since=since)))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)

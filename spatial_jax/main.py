@@ -7,6 +7,7 @@ functions that Colab can call directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import app, flags, logging
@@ -49,7 +50,7 @@ def main(argv):
   # Imported here so that `--help` and flag errors don't pay for jax.
   import jax
 
-  from spatial_jax import metrics, registry
+  from spatial_jax import fileio, metrics, registry
 
   if _CONFIG.value.job == "plan":  # Its fake CPU devices must exist before the backend starts.
     from spatial_jax.jobs import plan
@@ -94,13 +95,29 @@ def main(argv):
     logging.info("Process %d logs warnings and errors only (SPATIAL_JAX_LOG_ALL_PROCESSES=1: all)",
                  jax.process_index())  # fmt: skip
     logging.set_verbosity(logging.WARNING)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    try:  # Refuses a workdir that holds another job's record (a model folder, say).
-      metrics.write_config_json(workdir, config)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
-  run(config, workdir)
+  # One run per workdir: process 0 holds its lock for the whole run (the others are that run).
+  # Another job's folder is refused before the lock file is made in it.
+  lock = fileio.workdir_lock if jax.process_index() == 0 else _no_lock
+  try:
+    metrics.check_workdir_owner(os.path.join(workdir, "config.json"), config.job)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    with lock(workdir, config.job):
+      if jax.process_index() == 0:
+        try:  # Refuses a workdir that holds another job's record (a model folder, say).
+          metrics.write_config_json(workdir, config)
+        except ValueError as e:
+          raise app.UsageError(str(e)) from e
+      run(config, workdir)
+  except fileio.WorkdirBusyError as e:
+    raise app.UsageError(str(e)) from e
+
+
+@contextlib.contextmanager
+def _no_lock(workdir: str, job: str):
+  del workdir, job
+  yield
 
 
 if __name__ == "__main__":

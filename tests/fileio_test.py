@@ -38,3 +38,32 @@ def test_atomic_directory_swaps_in_a_whole_folder_or_nothing(tmp_path):
   with fileio.atomic_directory(target) as tmp:
     (open(os.path.join(tmp, "b"), "w")).write("new")
   assert os.listdir(target) == ["b"] and os.listdir(tmp_path) == ["final"]
+
+
+def test_workdir_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
+  with fileio.workdir_lock(tmp_path, "grpo"):
+    holder = (tmp_path / fileio.LOCK_FILE).read_text()
+    assert '"job": "grpo"' in holder and f'"pid": {os.getpid()}' in holder
+    # Another open file description of the same lock file conflicts, as a second process would.
+    with pytest.raises(
+      fileio.WorkdirBusyError, match=f"in use by another run .*grpo.*{os.getpid()}"
+    ):
+      with fileio.workdir_lock(tmp_path, "sample"):
+        pass
+  with fileio.workdir_lock(tmp_path, "sample"):  # Released: the next run takes it.
+    assert '"job": "sample"' in (tmp_path / fileio.LOCK_FILE).read_text()
+
+
+def test_workdir_lock_of_a_dead_process_is_taken_over(tmp_path):
+  import subprocess
+  import sys
+
+  code = (
+    "import os, sys; from spatial_jax import fileio\n"
+    "with fileio.workdir_lock(sys.argv[1], 'grpo'):\n"
+    "  os._exit(0)  # Dies holding the lock: no release, as after kill -9.\n"
+  )
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+  assert '"job": "grpo"' in (tmp_path / fileio.LOCK_FILE).read_text()  # A stale record ...
+  with fileio.workdir_lock(tmp_path, "sample"):  # ... and a free lock.
+    assert '"job": "sample"' in (tmp_path / fileio.LOCK_FILE).read_text()

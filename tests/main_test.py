@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,3 +82,39 @@ def test_another_jobs_workdir_is_refused_before_anything_is_written(tmp_path):
   assert "'data_synthetic' run" in result.stderr
   assert (workdir / "config.json").read_text() == record
   assert os.listdir(workdir) == ["config.json"]
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_workdir_one_refuses_naming_the_other(tmp_path):
+  # A lone run, then two at once on another workdir: the second refuses within seconds, naming
+  # the first, which ends as the lone run did.
+  args = ["--config=configs/sample.py:smoke"]
+  lone = _main(*args, f"--workdir={tmp_path / 'lone'}")
+  assert lone.returncode == 0, lone.stderr[-3000:]
+  workdir = tmp_path / "shared"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  first = subprocess.Popen(
+    [sys.executable, "-m", "spatial_jax.main", *args, f"--workdir={workdir}"],
+    cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  lock = workdir / ".lock"
+  for _ in range(600):
+    if lock.exists() and lock.read_text():
+      break
+    time.sleep(0.1)
+  second = _main(*args, f"--workdir={workdir}", timeout=120)
+  _, first_err = first.communicate(timeout=240)
+  assert first.returncode == 0, first_err[-3000:]
+  assert second.returncode != 0
+  last = second.stderr.strip().splitlines()[-1]
+  assert "is in use by another run" in last and f'"pid": {first.pid}' in last, last
+  assert (
+    json.loads((workdir / "metrics.json").read_text())["oracle"]
+    == json.loads((tmp_path / "lone" / "metrics.json").read_text())["oracle"]
+  )
+  images = sorted(os.listdir(workdir / "images"))
+  assert images == sorted(os.listdir(tmp_path / "lone" / "images"))
+  for name in images:
+    assert (workdir / "images" / name).read_bytes() == (
+      tmp_path / "lone" / "images" / name
+    ).read_bytes()
