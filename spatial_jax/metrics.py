@@ -297,9 +297,27 @@ def _json_default(x: Any) -> Any:
   raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable: {x!r}")
 
 
+def _finite(obj: Any) -> Any:
+  """`obj` with every NaN / infinite float as None: JSON has no token for them (Python's `NaN`
+  is not JSON, and strict readers refuse the file)."""
+  if isinstance(obj, float | np.floating):
+    return float(obj) if np.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, np.ndarray | jax.Array) and np.asarray(obj).dtype.kind == "f":
+    return _finite(np.asarray(obj, np.float64).tolist())
+  return obj
+
+
 def to_json(obj: Any) -> str:
-  """Indented, key-sorted JSON; numpy/jax values become plain numbers/lists."""
-  return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+  """Indented, key-sorted, strict JSON; numpy/jax values become plain numbers/lists, and a
+  non-finite number becomes null."""
+  return (
+    json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    + "\n"
+  )
 
 
 def write_summary(

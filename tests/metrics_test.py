@@ -228,3 +228,17 @@ def test_create_writer_without_tensorboardx_only_logs_and_warns_once(tmp_path, m
   assert caplog.text.count("pip install -e '.[tensorboard]'") == 1
   assert caplog.text.count("[3] loss=0.5") == 2
   assert not os.listdir(tmp_path)
+
+
+def test_json_outputs_have_no_nan_tokens(tmp_path):
+  summary = {"a": float("nan"), "b": [float("inf"), 1.5], "c": np.float32("nan"),
+             "d": np.array([1.0, np.nan]), "e": {"f": -np.inf, "g": 2}}  # fmt: skip
+  path = metrics.write_summary(tmp_path, summary)
+  text = open(path).read()
+
+  def refuse(token):
+    raise ValueError(f"non-JSON token {token}")
+
+  assert json.loads(text, parse_constant=refuse) == {
+    "a": None, "b": [None, 1.5], "c": None, "d": [1.0, None], "e": {"f": None, "g": 2}
+  }  # fmt: skip

@@ -50,12 +50,23 @@ def images_to_unit(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def unit_to_uint8(images: Any) -> np.ndarray:
+def unit_to_uint8(images: Any, source: str = "") -> np.ndarray:
   """Float images in [0, 1] (device or host) -> uint8 host arrays, as the oracle and PNGs take.
-  An array that spans processes is gathered (then every process must call this)."""
+  An array that spans processes is gathered (then every process must call this).
+
+  Raises:
+    FloatingPointError: a non-finite pixel (`source` names the model that drew it).
+  """
   if isinstance(images, jax.Array):
     images = sharding.to_host(images)
-  return np.round(np.asarray(images) * 255).astype(np.uint8)
+  images = np.asarray(images)
+  bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1) if images.ndim else []
+  if np.any(bad):
+    raise FloatingPointError(
+      f"The generator{' ' + source if source else ''} drew non-finite pixels in {int(np.sum(bad))} of "
+      f"{len(images)} images (first: {int(np.argmax(bad))}): its weights are damaged or diverged."
+    )
+  return np.round(images * 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

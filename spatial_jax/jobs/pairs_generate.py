@@ -427,7 +427,7 @@ def _generate(
         [jax.random.normal(jax.random.fold_in(base_key, k), policy.latent_shape) for k in noise_ks]
       )
       latents = sample(state, nnx.State({}), put(embeds), put(pooled), put(noise))
-    images = generator_lib.unit_to_uint8(decode(latents))[: 2 * len(group)]
+    images = generator_lib.unit_to_uint8(decode(latents), policy.source)[: 2 * len(group)]
     chosen, rejected = images[: len(group)], images[len(group) :]
     originals = [prompts[i] for i in group]
     if kept is None:  # Another process: its part of the mesh's work only.

@@ -86,7 +86,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       ]
       noise = jnp.stack([jax.random.normal(k, policy.latent_shape, jnp.float32) for k in keys])
       latents = sample(state, nnx.State({}), embeds, pooled, split(noise))
-      images.append(generator_lib.unit_to_uint8(policy.decode(latents))[:real])
+      images.append(generator_lib.unit_to_uint8(policy.decode(latents), policy.source)[:real])
   images = np.concatenate(images)
   seconds = time.time() - start
 

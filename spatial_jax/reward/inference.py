@@ -272,9 +272,17 @@ class SpatialScore:
     if len(images) != len(prompts):
       raise ValueError(f"SpatialScore.score got {len(images)} images but {len(prompts)} prompts")
     images = [self._prepare_image(image, i) for i, image in enumerate(images)]
-    return evaluate.score_in_chunks(
+    mu, sigma = evaluate.score_in_chunks(
       self.score_inputs, self.preparer, images, prompts, self.batch_size
     )
+    bad = np.flatnonzero(~(np.isfinite(mu) & np.isfinite(sigma)))
+    if bad.size:
+      raise FloatingPointError(
+        f"SpatialScore {self.source or '(fresh model)'} gave non-finite scores for {bad.size} of "
+        f"{len(mu)} images (first: images[{bad[0]}], prompt {prompts[bad[0]]!r}): its weights "
+        "are damaged or diverged."
+      )
+    return mu, sigma
 
   def score_inputs(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array]:
     """(mu, sigma) of prepared inputs (`preparer(images, prompts)`); for `evaluate.evaluate`."""

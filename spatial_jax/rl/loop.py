@@ -240,7 +240,7 @@ def decode_images(phases: Phases, policy: TextToImage, latents: jax.Array) -> np
   return np.concatenate(
     [
       generator_lib.unit_to_uint8(
-        policy.decode(phases.take(latents, np.arange(i, min(i + chunk, n))))
+        policy.decode(phases.take(latents, np.arange(i, min(i + chunk, n)))), policy.source
       )
       for i in range(0, n, chunk)
     ]

@@ -94,3 +94,11 @@ def test_object_weights_mark_palette_pixels_and_weight_the_loss():
   err = (0.5 * x_t - (noise - x0)) ** 2
   loss = flow_matching.flow_matching_loss(velocity, x0, noise, t, jnp.asarray(w))
   np.testing.assert_allclose(loss, (w * err).sum() / w.sum(), rtol=1e-5)
+
+
+def test_non_finite_pixels_stop_naming_the_generator():
+  images = np.zeros((3, 4, 4, 3), np.float32)
+  assert generator_lib.unit_to_uint8(images, "workdirs/g/final").dtype == np.uint8
+  images[2, 1, 1, 0] = np.nan
+  with pytest.raises(FloatingPointError, match="generator workdirs/g/final .* in 1 of 3 images"):
+    generator_lib.unit_to_uint8(images, "workdirs/g/final")

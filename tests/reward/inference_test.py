@@ -226,3 +226,15 @@ def test_missing_files_give_clear_errors(trained, tmp_path):
   with pytest.raises(FileNotFoundError, match="not found"):
     SpatialScore.load(tmp_path / "nowhere")
   assert inference.base_model(load_config("configs/reward_synthetic.py")) == "synthetic:tiny"
+
+
+def test_non_finite_scores_stop_naming_the_model(trained, eval_pairs):
+  # Damaged weights (here every float NaN) must not pass for scores (reward_eval's accuracy,
+  # GRPO's rewards, pairs_generate's verdicts all come from `score`).
+  damaged = SpatialScore.load(trained[0])
+  nan = lambda x: x * np.nan if np.issubdtype(x.dtype, np.floating) else x  # noqa: E731
+  damaged.trainable, damaged.frozen = jax.tree.map(nan, (damaged.trainable, damaged.frozen))
+  image = eval_pairs[0].chosen
+  with pytest.raises(FloatingPointError, match="non-finite scores for 2 of 2") as e:
+    damaged.score([image, image], "a red circle left of a blue square")
+  assert trained[0] in str(e.value) and "damaged or diverged" in str(e.value)
