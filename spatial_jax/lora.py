@@ -447,6 +447,17 @@ _UNSUPPORTED = (
 )
 
 
+@contextlib.contextmanager
+def _readable(weights_path: str) -> Iterator[None]:
+  """Turns safetensors' errors on a damaged file (truncated, overwritten) into one naming it."""
+  try:
+    yield
+  except safetensors.SafetensorError as e:
+    raise ValueError(
+      f"{weights_path} is not a readable safetensors file ({e}): the adapter is damaged."
+    ) from e
+
+
 def read_adapter_config(
   directory: str | os.PathLike[str],
   *,
@@ -475,7 +486,7 @@ def read_adapter_config(
       config = json.load(f)
   else:
     config_path = f"{weights_path} ({DIFFUSERS_METADATA_KEY})"
-    with safetensors.safe_open(weights_path, "numpy") as f:
+    with _readable(weights_path), safetensors.safe_open(weights_path, "numpy") as f:
       header = f.metadata() or {}
       first_a = next((k for k in f.keys() if k.endswith(".lora_A.weight")), None)
       rank = f.get_slice(first_a).get_shape()[0] if first_a else None
@@ -526,7 +537,8 @@ def import_peft(
       f"model's LoRA layers use rank={rank}, alpha={alpha}."
     )
 
-  tensors = safetensors.numpy.load_file(weights_path)
+  with _readable(weights_path):
+    tensors = safetensors.numpy.load_file(weights_path)
   expected = {}
   for name, (_, layer, index) in entries.items():
     expected[f"{key_prefix}{name}.lora_A.weight"] = (

@@ -472,3 +472,15 @@ def test_ours_to_peft_parity(tmp_path):
   with torch.no_grad():
     want = peft_model(torch.from_numpy(x)).numpy()
   _close(model(jnp.asarray(x)), want)
+
+
+def test_damaged_adapter_file_is_named(tmp_path):
+  # A LoRA file cut short (a copy interrupted, a full disk) names itself; nothing is rewritten.
+  weights = {"transformer.x.lora_A.weight": np.ones((2, 4), np.float32)}
+  path = tmp_path / "pytorch_lora_weights.safetensors"
+  safetensors.numpy.save_file(weights, str(path))
+  damaged = path.read_bytes()[:40]
+  path.write_bytes(damaged)
+  with pytest.raises(ValueError, match="pytorch_lora_weights.safetensors is not a readable"):
+    lora.read_adapter_config(tmp_path, diffusers_component="transformer")
+  assert path.read_bytes() == damaged

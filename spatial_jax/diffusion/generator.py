@@ -321,7 +321,12 @@ def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> G
   if not os.path.exists(path):
     raise FileNotFoundError(f"No {GENERATOR_FILE} in {directory!r}: not an exported generator.")
   with open(path) as f:
-    info = json.load(f)
+    try:
+      info = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        f"{path} is not valid JSON ({e}): the generator folder is damaged (export it again)."
+      ) from e
   c = info["codec"]
   codec = synthetic.PixelCodec(
     synthetic.PixelCodecConfig(

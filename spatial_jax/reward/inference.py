@@ -368,7 +368,16 @@ def _mesh_and_rules(config: Any, mesh: jax.sharding.Mesh | None):
 
 def _read_config(path: str) -> ml_collections.ConfigDict:
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    try:
+      config = ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}): the workdir's record is damaged") from e
+  job = config.get("job")
+  if job not in (None, "reward_train"):
+    raise ValueError(
+      f"{os.path.dirname(path)} is a {job!r} workdir, not a SpatialScore: give a reward_train "
+      "workdir or a SpatialScore export folder."
+    )
   missing = [k for k in ("model", "data", "eval", "seed", "mesh") if k not in config]
   if missing:
     raise ValueError(

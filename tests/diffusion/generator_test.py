@@ -102,3 +102,11 @@ def test_non_finite_pixels_stop_naming_the_generator():
   images[2, 1, 1, 0] = np.nan
   with pytest.raises(FloatingPointError, match="generator workdirs/g/final .* in 1 of 3 images"):
     generator_lib.unit_to_uint8(images, "workdirs/g/final")
+
+
+def test_damaged_generator_record_is_named(tmp_path):
+  record = tmp_path / generator_lib.GENERATOR_FILE
+  record.write_text('{"codec": {"scale_fac')  # generator.json cut short
+  with pytest.raises(ValueError, match="generator.json is not valid JSON.*damaged"):
+    generator_lib.load_generator(tmp_path)
+  assert record.read_text() == '{"codec": {"scale_fac'

@@ -238,3 +238,15 @@ def test_non_finite_scores_stop_naming_the_model(trained, eval_pairs):
   with pytest.raises(FloatingPointError, match="non-finite scores for 2 of 2") as e:
     damaged.score([image, image], "a red circle left of a blue square")
   assert trained[0] in str(e.value) and "damaged or diverged" in str(e.value)
+
+
+def test_another_jobs_workdir_is_not_taken_for_a_spatial_score(tmp_path):
+  # A GRPO workdir has model/data/eval/seed/mesh too; it is named, not half-loaded.
+  record = json.dumps({"job": "grpo", "model": {}, "data": {}, "eval": {}, "seed": 0, "mesh": []})
+  (tmp_path / "config.json").write_text(record)
+  with pytest.raises(ValueError, match="is a 'grpo' workdir, not a SpatialScore"):
+    SpatialScore.load(tmp_path)
+  (tmp_path / "config.json").write_text(record[:30])
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    SpatialScore.load(tmp_path)
+  assert (tmp_path / "config.json").read_text() == record[:30]
