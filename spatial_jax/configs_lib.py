@@ -102,6 +102,17 @@ TINY_GENERATOR = dict(
 )
 
 
+def check_sizes(config: Any, minimums: dict[str, int]) -> None:
+  """Raises a ValueError naming the first `config` size (a dotted key) below its minimum, so a
+  zero or negative count fails before any work, not as a division by zero after training."""
+  for key, minimum in minimums.items():
+    value: Any = config
+    for part in key.split("."):
+      value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f"config.{key}={value!r} must be an integer >= {minimum}.")
+
+
 def flux_model(**overrides: Any) -> dict[str, Any]:
   """The `config.model` section of jobs that load a text-to-image policy (`diffusion.text_to_image`):
   `pipeline` (a diffusers FLUX folder) or `generator` (a synthetic generator folder); neither:

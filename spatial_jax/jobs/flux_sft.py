@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from spatial_jax import checkpoint, metrics, optim, sharding
+from spatial_jax import checkpoint, configs_lib, metrics, optim, sharding
 from spatial_jax.data import loader as pair_loader
 from spatial_jax.data import pairs as pairs_lib
 from spatial_jax.diffusion.build import (
@@ -119,6 +119,17 @@ def miscaption(
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, writes galleries and checkpoints, exports `final/`; returns the summary."""
+  configs_lib.check_sizes(
+    config,
+    {
+      "train.steps": 1,
+      "train.batch_size": 1,
+      "gallery.num_prompts": 0,
+      "gallery.num_steps": 1,
+      "gallery.every_steps": 0,
+      "log_every_steps": 1,
+    },
+  )
   # -- Mesh ----------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)  # main.py writes config.json; Colab and tests call run().
   metrics.write_config_json(workdir, config)

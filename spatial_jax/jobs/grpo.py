@@ -54,12 +54,12 @@ from spatial_jax.rl import steps as steps_lib
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates, checkpoints, exports; returns the summary (also in summary.json)."""
-  os.makedirs(workdir, exist_ok=True)
-  metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.sharding_rules)
   batch_shards = sharding.batch_shard_count(mesh, rules)
-  loop.check_config(config, batch_shards)
+  loop.check_config(config, batch_shards)  # Before anything is written.
+  os.makedirs(workdir, exist_ok=True)
+  metrics.write_config_json(workdir, config)
   t = config.train
 
   # -- Policy, rewards, prompts --------------------------------------------------------------

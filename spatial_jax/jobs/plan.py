@@ -262,7 +262,8 @@ def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
     fn, args = phases.rollout, (trainable, frozen, *embeds(b), _key(mesh))
     shape = f"{b} samples, {size}px, {steps} steps"
   else:
-    kept = g.group_size if g.topk is None else 2 * g.topk
+    topk = loop.kept_topk(config)
+    kept = g.group_size if topk is None else 2 * topk
     b = g.prompts_per_step * kept // config.train.num_minibatches
     prompt_embeds, pooled = embeds(b)
     shapes = dict(

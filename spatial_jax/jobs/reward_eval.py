@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from spatial_jax import metrics
+from spatial_jax import configs_lib, metrics
 from spatial_jax.reward import evaluate
 
 ORACLE = "oracle"
@@ -82,6 +82,7 @@ def _pairs_folder(config: Any) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Scores every pair of `config.split` (up to `config.max_pairs`) and writes eval.json."""
+  configs_lib.check_sizes(config, {"max_pairs": 0, "batch_size": 1})
   if not config.model_path:
     raise ValueError(
       "config.model_path is empty: give a training workdir, an export folder, 'oracle' or "

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from spatial_jax import checkpoint, metrics, sharding
+from spatial_jax import checkpoint, configs_lib, metrics, sharding
 from spatial_jax.data import loader as pair_loader
 from spatial_jax.jobs import data_synthetic
 from spatial_jax.reward import build, evaluate, grounding
@@ -28,6 +28,17 @@ from spatial_jax.reward.step import image_place_spec, make_optimizer, make_train
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Trains, evaluates periodically, checkpoints, and exports; returns the final metrics."""
+  configs_lib.check_sizes(
+    config,
+    {
+      "train.steps": 1,
+      "train.batch_size": 1,
+      "eval.batch_size": 1,
+      "eval.max_pairs": 0,
+      "eval_every_steps": 0,
+      "log_every_steps": 1,
+    },
+  )
   # -- Mesh ----------------------------------------------------------------------------------
   # Several processes (multi-host): each loads its own slice of the pairs and the global batch
   # is assembled from the slices (`global_pair_inputs`); orbax saves from all of them, process 0

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from spatial_jax import fileio, metrics, sharding
+from spatial_jax import configs_lib, fileio, metrics, sharding
 from spatial_jax.data.prompts import PromptSource
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import text_to_image
@@ -43,6 +43,16 @@ from spatial_jax.models.flux import params as flux_params
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Samples every prompt, writes the files above; returns the metrics."""
+  configs_lib.check_sizes(
+    config,
+    {
+      "num_prompts": 1,
+      "images_per_prompt": 1,
+      "batch_size": 1,
+      "grid_prompts": 0,
+      "sampling.num_steps": 1,
+    },
+  )
   os.makedirs(workdir, exist_ok=True)
   metrics.write_config_json(workdir, config)
   mesh = sharding.make_mesh(config.mesh)

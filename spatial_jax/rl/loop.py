@@ -42,15 +42,32 @@ BATCH_AXES = dict(latents=1, log_probs=1, advantages=0, mask=0, prompt_embeds=0,
 
 def check_config(config: Any, batch_shards: int) -> None:
   """Clear errors for group and batch sizes that cannot work (before anything is built)."""
+  from spatial_jax import configs_lib
+
+  configs_lib.check_sizes(
+    config,
+    {
+      "grpo.prompts_per_step": 1,
+      "train.steps": 1,
+      "train.num_minibatches": 1,
+      "sampling.num_steps": 2,
+      "eval.num_prompts": 1,
+      "eval.num_steps": 1,
+      "eval.every_steps": 0,
+    },
+  )
+  if "num_long_prompts" in config.eval:
+    configs_lib.check_sizes(config, {"eval.num_long_prompts": 0})
   g, t = config.grpo, config.train
   if g.group_size < 2:
     raise ValueError(f"config.grpo.group_size={g.group_size}: a group needs >= 2 samples.")
-  if g.topk is not None and not 1 <= 2 * g.topk <= g.group_size:
+  topk = kept_topk(config)
+  if topk is not None and not 1 <= 2 * topk <= g.group_size:
     raise ValueError(
       f"config.grpo.topk={g.topk}: keeps the top-k and bottom-k of each group, so 2k must be "
-      f"in [2, group_size={g.group_size}] (None keeps all)."
+      f"in [2, group_size={g.group_size}] (None or 0 keeps all)."
     )
-  kept = g.prompts_per_step * (g.group_size if g.topk is None else 2 * g.topk)
+  kept = g.prompts_per_step * (g.group_size if topk is None else 2 * topk)
   rollout = g.prompts_per_step * g.group_size
   if rollout % batch_shards:
     raise ValueError(
@@ -62,6 +79,11 @@ def check_config(config: Any, batch_shards: int) -> None:
       f"{kept} kept samples per step do not split into config.train.num_minibatches="
       f"{t.num_minibatches} minibatches of a multiple of {batch_shards} (the batch shards)."
     )
+
+
+def kept_topk(config: Any) -> int | None:
+  """`grpo.topk`, None when every sample is kept (None, or 0: what the command line can set)."""
+  return config.grpo.topk or None
 
 
 def prompt_source(config: Any) -> PromptSource:
@@ -276,7 +298,7 @@ def score(phases: Phases, roll: Rollout, reward_fns: Mapping[str, Callable], con
   rewards = score_images(phases, reward_fns, roll.images, roll.group_prompts)
   reward = jnp.asarray(rewards[config.reward.train_on]).reshape(len(roll.prompts), -1)
   advantages, mask = advantages_lib.topk_group_advantages(
-    reward, g.topk, stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
+    reward, kept_topk(config), stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
   )
   return Scored(rewards, reward, advantages, mask)
 
