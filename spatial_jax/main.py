@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -120,5 +122,46 @@ def _no_lock(workdir: str, job: str):
   yield
 
 
+def _override_error(argv: list[str]) -> str | None:
+  """For a `--config.a.b=v` override whose key the config lacks: which, and the valid keys."""
+  from spatial_jax import configs_lib
+
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if path is None:
+    return None
+  file, _, arg = path.partition(":")
+  config = configs_lib.load_config(file, arg or None)
+  for flag in argv:
+    if not flag.startswith("--config."):
+      continue
+    node, keys = config, flag.split("=", 1)[0].removeprefix("--config.").split(".")
+    for depth, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(["config", *keys[:depth]])
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        return f"{flag.split('=', 1)[0]}: {where} has no key {key!r}; its keys: {valid}"
+      node = node[key]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a misspelled config key ends the run with one line naming it and the
+  valid keys (ml_collections raises an AttributeError, which absl would print as a traceback)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    try:
+      message = _override_error(argv)
+    except Exception:  # noqa: BLE001  The plain error below is still an answer.
+      message = None
+    hint = re.search(r"Did you mean \S+", str(e))  # ml_collections' nearest key.
+    if message and hint:
+      message += f". {hint.group(0).replace(chr(34), '')}?"
+    sys.stderr.write(f"FATAL Flags parsing error: {message or e}\n")
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
