@@ -96,6 +96,8 @@ def get_config(arg=None):
     lora_single_mlp=False,
   )
   config.train = dict(
+    # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
+    max_abs_param=1e4,
     steps=1500,
     batch_size=32,
     lr=1e-3,

@@ -78,6 +78,8 @@ def get_config(arg=None):
     kl_form="flow_grpo",
   )
   config.train = dict(
+    # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
+    max_abs_param=1e4,
     steps=1000,
     lr=3e-4,
     weight_decay=1e-4,

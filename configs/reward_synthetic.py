@@ -74,6 +74,8 @@ def get_config(arg=None):
   config.loss = "gaussian_mc"
   config.mc_samples = 64
   config.train = dict(
+    # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
+    max_abs_param=1e4,
     steps=2200,  # ~17 minutes on a 2-core CPU, after ~1.5 minutes building the pairs.
     batch_size=32,
     lr=2e-3,

@@ -49,6 +49,8 @@ def get_config(arg=None):
     parse_scale=3.0,
   )
   config.train = dict(
+    # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
+    max_abs_param=1e4,
     # ~55 ms a step of 32 prompts on an idle 2-core CPU (~85 ms beside another job): ~3 min.
     steps=3000,
     batch_size=32,

@@ -56,6 +56,31 @@ BASE_MODEL_KEY = "base_model"
 _MAX_LISTED = 20
 
 
+# The largest |weight| a checkpoint may hold (`max_abs_param`): trained weights are O(1)-O(100);
+# a run whose weights pass this has diverged, even if every value is still finite.
+MAX_ABS_PARAM = 1e4
+
+
+class DivergedError(FloatingPointError):
+  """Weights that are not finite or beyond `max_abs_param`: at a save, or in a checkpoint."""
+
+
+@jax.jit
+def _max_abs(leaves: list[jax.Array]) -> jax.Array:
+  return jax.numpy.max(jax.numpy.stack([jax.numpy.max(jax.numpy.abs(x)).astype(np.float32)
+                                        for x in leaves]))  # fmt: skip
+
+
+def max_abs_param(params: Any) -> float:
+  """The largest |value| of the floating-point leaves of `params` (NaN if any is NaN)."""
+  leaves = [x for x in jax.tree.leaves(params) if np.issubdtype(x.dtype, np.floating)]
+  if not leaves:
+    return 0.0
+  from spatial_jax import sharding  # Lazy: sharding imports flax; this module stays light.
+
+  return float(sharding.to_host(_max_abs(leaves)))
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the restore target (or was trained on another base model)."""
 
@@ -87,6 +112,9 @@ class Checkpointer:
       from this Checkpointer's: "warn" (default; the same weights often live at another path on
       another host) or "error" (raise `CheckpointMismatchError`). Nothing is checked if either side
       records no `base_model`.
+    max_abs_param: the divergence guard. A save whose `params` hold a non-finite value or one
+      beyond this magnitude is refused (`DivergedError`, naming the last good checkpoint), and so
+      is restoring such params; None turns the guard off.
   """
 
   def __init__(
@@ -98,6 +126,7 @@ class Checkpointer:
     async_save: bool = True,
     metadata: Mapping[str, Any] | None = None,
     base_model_mismatch: Literal["warn", "error"] = "warn",
+    max_abs_param: float | None = MAX_ABS_PARAM,
   ):
     if base_model_mismatch not in ("warn", "error"):
       raise ValueError(
@@ -111,6 +140,7 @@ class Checkpointer:
     except TypeError as e:
       raise TypeError(f"Checkpointer metadata must be JSON-serializable: {e}") from e
     self._base_model_mismatch = base_model_mismatch
+    self._max_abs_param = max_abs_param
 
     directory = epath.Path(workdir) / "checkpoints"
     if "://" not in os.fspath(directory):  # orbax wants absolute local paths.
@@ -163,6 +193,15 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists; not saving again.", step)
       return False
+    if self._max_abs_param and (force or self._manager.should_save(step)):
+      largest = max_abs_param(params)
+      if not np.isfinite(largest) or largest > self._max_abs_param:
+        self.wait_until_finished()
+        raise DivergedError(
+          f"The run diverged: at step {step} the largest |weight| is {largest:.3g} (the guard "
+          f"is config.train.max_abs_param={self._max_abs_param:g}); not saved. The last good "
+          f"checkpoint is step {self.latest_step()} in {self.directory}. Lower config.train.lr."
+        )
     items = {"params": ocp.args.StandardSave(params)}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -251,6 +290,15 @@ class Checkpointer:
       args[_DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
     logging.info("Restoring checkpoint step %d from %s (%s)", step, self.directory, sorted(args))
     out = self._manager.restore(step, args=ocp.args.Composite(**args))
+    if params is not None and self._max_abs_param:
+      largest = max_abs_param(out["params"])
+      if not np.isfinite(largest) or largest > self._max_abs_param:
+        raise DivergedError(
+          f"Checkpoint {self.directory / str(step)} holds a weight of magnitude {largest:.3g} "
+          f"(the guard is max_abs_param={self._max_abs_param:g}): it comes from a diverged run. "
+          "Do not continue from it: delete that step (or the workdir) and rerun, with a lower "
+          "learning rate."
+        )
     restored_rng = None
     if rng is not None:
       restored_rng = out["rng"]["key_data"]

@@ -214,3 +214,23 @@ def test_interrupted_save_keeps_last_finalized_step(tmp_path):
     assert ckpt.save(2, params={"w": jnp.ones(3)})
     assert ckpt.latest_step() == 2
     np.testing.assert_array_equal(ckpt.restore(params={"w": jnp.zeros(3)}).params["w"], [1, 1, 1])
+
+
+def test_divergence_guard_refuses_to_save_or_resume_huge_weights(tmp_path):
+  params = {"w": jnp.ones((4, 4)), "b": jnp.zeros((4,))}
+  with checkpoint.Checkpointer(tmp_path, max_abs_param=1e4) as ckpt:
+    assert ckpt.save(1, params=params)
+    ckpt.wait_until_finished()
+    diverged = {"w": jnp.full((4, 4), 3e6), "b": jnp.zeros((4,))}  # Finite, but 3e6.
+    with pytest.raises(checkpoint.DivergedError, match=r"step 2 the largest \|weight\| is 3e\+06"):
+      ckpt.save(2, params=diverged)
+    with pytest.raises(checkpoint.DivergedError, match="last good checkpoint is step 1"):
+      ckpt.save(3, params={"w": jnp.full((4, 4), jnp.nan), "b": jnp.zeros((4,))})
+    assert ckpt.all_steps() == [1]
+  # A checkpoint written without the guard (an older run) is refused on resume.
+  with checkpoint.Checkpointer(tmp_path, max_abs_param=None) as ckpt:
+    assert ckpt.save(2, params=diverged)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.DivergedError, match=r"checkpoints/2 holds a weight of .*3e\+06"):
+      ckpt.restore(2, params=params)
+    np.testing.assert_array_equal(ckpt.restore(1, params=params).params["w"], params["w"])

@@ -89,6 +89,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     workdir,
     max_to_keep=t.keep_checkpoints,
     save_interval_steps=t.checkpoint_every,
+    max_abs_param=config.train.get("max_abs_param", checkpoint.MAX_ABS_PARAM),
     metadata={checkpoint.BASE_MODEL_KEY: policy.source},
   )
   start_step = 0

@@ -116,6 +116,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     workdir,
     max_to_keep=config.train.keep_checkpoints,
     save_interval_steps=config.train.checkpoint_every,
+    max_abs_param=config.train.get("max_abs_param", checkpoint.MAX_ABS_PARAM),
     metadata={
       checkpoint.BASE_MODEL_KEY: config.model.pretrained or "synthetic:" + config.model.preset
     },
