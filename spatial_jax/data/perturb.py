@@ -117,6 +117,7 @@ _WORD_FLIPS = {
 }
 _PHRASE_FLIPS = {
   "in front of": "behind",
+  "in back of": "in front of",
   "behind": "in front of",
   "on top of": "beneath",
   "atop": "beneath",
@@ -138,7 +139,7 @@ _RELATION_PATTERNS = [
   (r"at\s+the\s+(?P<word>top|bottom)\s+of", True),
   (r"(?P<word>higher|lower)\s+than", True),
   (r"in\s+the\s+(?P<word>foreground|background)", False),
-  (r"in\s+front\s+of|on\s+top\s+of", True),
+  (r"in\s+front\s+of|in\s+back\s+of|on\s+top\s+of", True),
   (r"behind|atop|beneath|underneath|above|below", True),
   # "over"/"under" also measure quantities ("over 20 people") and "all over" is not a relation.
   (r"(?<!all\s)(?:over|under)(?!\s*\d)", True),

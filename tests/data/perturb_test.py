@@ -153,6 +153,7 @@ FREE_FORM_CASES = {
   "A man with a hat stands left of a car.": {"A man with a hat stands right of a car."},
   "A cat and a dog are left of a box.": {"A cat and a dog are right of a box."},
   "A sofa in front of the TV.": {"A sofa behind the TV.", "The TV in front of a sofa."},
+  "A horse in back of the barn.": {"A horse in front of the barn.", "The barn in back of a horse."},
   "Two dogs to the right of three cats": {
     "Two dogs to the left of three cats",
     "Three cats to the right of two dogs",
