@@ -30,10 +30,12 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   # Driven by the stage's own SpatialScore on fresh scenes (no pool); the oracle only judges.
   assert grpo_config["reward"]["train_on"] == "spatial_score"
   assert grpo_config["data"]["scene_pool"] == 0 and grpo_config["reward"]["oracle"]
-  # The tuned generator records the guidance it was sampled with: the base generator's own.
+  # GRPO samples unguided (the generator's own guidance is 2.0), and the tuned generator records
+  # the guidance it was trained and evaluated with.
   base = json.loads((tmp_path / "generator" / "final" / "generator.json").read_text())
   tuned = json.loads((tmp_path / "grpo" / "final" / "generator.json").read_text())
-  assert tuned["sampling"]["cfg_scale"] == base["sampling"]["cfg_scale"] > 0
+  assert base["sampling"]["cfg_scale"] == 2.0
+  assert grpo_config["sampling"]["cfg_scale"] == tuned["sampling"]["cfg_scale"] == 1.0
   # The generator read the T5 the text-encoder stage pretrained.
   generator_config = json.loads((tmp_path / "generator" / "config.json").read_text())
   assert generator_config["text"]["t5_pretrained"] == str(tmp_path / "text_encoder" / "final")
