@@ -65,6 +65,10 @@ class DivergedError(FloatingPointError):
   """Weights that are not finite or beyond `max_abs_param`: at a save, or in a checkpoint."""
 
 
+class DamagedCheckpointError(OSError):
+  """No checkpoint of a workdir can be read (its files are damaged or cut short)."""
+
+
 @jax.jit
 def _max_abs(x: jax.Array) -> jax.Array:
   return jax.numpy.max(jax.numpy.abs(x)).astype(np.float32)
@@ -250,13 +254,50 @@ class Checkpointer:
     any difference (entries missing in the checkpoint, unexpected entries, shape or dtype
     mismatches, by tree path) raises `CheckpointMismatchError` listing all of them.
 
+    Without `step`, a newest checkpoint that cannot be read (files damaged or cut short, e.g. by
+    a full disk) is skipped with a warning naming it, and the newest readable one is restored;
+    the error of the newest is raised when none can be read. A checkpoint that does not fit
+    the targets, or holds diverged weights, is never skipped: older ones would not do better.
+
     Raises:
       FileNotFoundError: no checkpoint (or not that step) in the directory.
       CheckpointMismatchError: the checkpoint does not fit the targets, or (with
         `base_model_mismatch="error"`) was trained on another base model.
+      DivergedError: the params hold a non-finite value or one beyond `max_abs_param`.
     """
     self._manager.wait_until_finished()  # orbax does not wait before reading.
-    step = self._resolve_step(step)
+    if step is not None:
+      return self._restore_step(self._resolve_step(step), params, opt_state, data_iter, rng)
+    self._resolve_step(None)  # FileNotFoundError when there is none.
+    first_error = None
+    for candidate in reversed(self.all_steps()):
+      try:
+        restored = self._restore_step(candidate, params, opt_state, data_iter, rng)
+      except (CheckpointMismatchError, DivergedError):
+        raise
+      except Exception as e:  # noqa: BLE001 - what a damaged file raises depends on the item.
+        logging.warning(
+          "Checkpoint %s cannot be read (%s: %s); trying the one before it.",
+          self.directory / str(candidate),
+          type(e).__name__,
+          str(e).splitlines()[0][:300] if str(e) else "",
+        )
+        first_error = first_error or e
+        continue
+      if first_error is not None:
+        logging.warning(
+          "Resuming from step %d, the newest checkpoint that could be read in %s.",
+          candidate,
+          self.directory,
+        )
+      return restored
+    raise DamagedCheckpointError(
+      f"No checkpoint in {self.directory} can be read (steps {self.all_steps()}); the newest "
+      f"failed with {type(first_error).__name__}: {first_error}"
+    ) from first_error
+
+  def _restore_step(self, step, params, opt_state, data_iter, rng) -> Restored:
+    """`restore` of one existing step."""
     step_meta = self._step_metadata(step)
     fmt = step_meta.get(_FORMAT, {})
     provenance = dict(step_meta.get(_PROVENANCE, {}))

@@ -234,3 +234,42 @@ def test_divergence_guard_refuses_to_save_or_resume_huge_weights(tmp_path):
     with pytest.raises(checkpoint.DivergedError, match=r"checkpoints/2 holds a weight of .*3e\+06"):
       ckpt.restore(2, params=params)
     np.testing.assert_array_equal(ckpt.restore(1, params=params).params["w"], params["w"])
+
+
+def _damage(folder):
+  """Cuts every file of a saved item to half its size, as a full disk or a crash mid-copy does."""
+  for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_can_be_read(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, params=_lora_state(step), rng=jax.random.key(step))
+  _damage(tmp_path / "checkpoints" / "3" / "params")
+
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    restored = ckpt.restore(params=_lora_state(0), rng=jax.random.key(0))
+    assert restored.step == 2
+    _assert_trees_equal(restored.params, _lora_state(2))
+    assert "checkpoints/3 cannot be read" in caplog.text
+    # Asked for by step, a damaged checkpoint is an error, not a silent substitute.
+    with pytest.raises(Exception) as error:
+      ckpt.restore(3, params=_lora_state(0))
+    assert not isinstance(error.value, checkpoint.CheckpointMismatchError)
+
+  for step in (1, 2):
+    _damage(tmp_path / "checkpoints" / str(step) / "params")
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"steps \[1, 2, 3\]"):
+      ckpt.restore(params=_lora_state(0))
+
+
+def test_resume_does_not_skip_a_checkpoint_that_does_not_fit(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, params=_lora_state(step))
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="checkpoints/2"):
+      ckpt.restore(params={"other": jnp.zeros(3)})
