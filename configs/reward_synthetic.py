@@ -36,6 +36,9 @@ def get_config(arg=None):
   )
   config.model = dict(
     pretrained="",  # A Hugging Face Qwen2.5-VL folder; empty: the synthetic world's model.
+    # A trained SpatialScore (reward_train workdir or export) of this architecture to start from:
+    # fine-tuning, e.g. on pairs of a generator's own images. Empty: from `pretrained` / scratch.
+    init_from="",
     preset="tiny",
     # Overrides of the preset's VisionConfig / TextConfig fields.
     vision=dict(

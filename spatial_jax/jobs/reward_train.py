@@ -22,6 +22,7 @@ from spatial_jax import checkpoint, configs_lib, metrics, sharding
 from spatial_jax.data import loader as pair_loader
 from spatial_jax.jobs import data_synthetic
 from spatial_jax.reward import build, evaluate, grounding
+from spatial_jax.reward.inference import SpatialScore
 from spatial_jax.reward.model import trainable_filter
 from spatial_jax.reward.step import image_place_spec, make_optimizer, make_train_step
 
@@ -126,6 +127,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     restored = ckpt.restore(params=trainable, opt_state=opt_state, data_iter=train_iter)
     trainable, opt_state, start_step = restored.params, restored.opt_state, restored.step
     logging.info("Resumed from step %d", start_step)
+  elif config.model.get("init_from"):  # Fine-tuning; a resume keeps its own weights.
+    init_from_spatial_score(built.model, config.model.init_from, mesh)
+    _, trainable, frozen = nnx.split(built.model, trainable_filter(config.model.trainable), ...)
 
   # -- Train loop ----------------------------------------------------------------------------
   writer = metrics.create_writer(workdir)
@@ -187,3 +191,24 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     metrics.write_summary(workdir, summary)
   logging.info("Final: %s", final.summary())
   return summary
+
+
+def init_from_spatial_score(model: nnx.Module, path: str, mesh: jax.sharding.Mesh) -> None:
+  """Starts `model` from the weights of a trained SpatialScore (a reward_train workdir or an
+  export): fine-tuning, e.g. on pairs of a generator's own images. Every array must match in
+  path and shape, so that the source is the same architecture as the config builds."""
+  source = SpatialScore.load(path, mesh=mesh)
+  ours = dict(nnx.to_flat_state(nnx.state(model)))
+  theirs = dict(nnx.to_flat_state(nnx.state(source.model)))
+  differ = sorted(
+    "/".join(map(str, k))
+    for k in ours.keys() | theirs.keys()
+    if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
+  )
+  if differ:
+    raise ValueError(
+      f"config.model.init_from={path} is not the architecture this config builds: "
+      f"{len(differ)} arrays differ in name or shape (first: {differ[:3]})."
+    )
+  nnx.update(model, nnx.state(source.model))
+  logging.info("Initialised from %s (step %s)", path, source.step)

@@ -102,3 +102,21 @@ def test_sharded_train_step_equals_single_device(pairs_dir, tmp_path):
     np.testing.assert_allclose(aux_8[name], aux_1[name], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(new_1), jax.tree.leaves(new_8), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_starts_from_a_trained_spatial_score(pairs_dir, tmp_path):
+  trained = reward_train.run(_config(pairs_dir, steps=4), str(tmp_path / "trained"))
+  # Step 1's learning rate is 0 (warmup), so the fine-tuned model is its starting point.
+  frozen_lr = dict(steps=1, warmup_steps=2)
+  config = _config(pairs_dir, **frozen_lr)
+  config.model.init_from = str(tmp_path / "trained")
+  tuned = reward_train.run(config, str(tmp_path / "tuned"))
+  scratch = reward_train.run(_config(pairs_dir, **frozen_lr), str(tmp_path / "scratch"))
+  np.testing.assert_allclose(tuned["eval"]["margin"], trained["eval"]["margin"], rtol=1e-5)
+  assert abs(scratch["eval"]["margin"] - trained["eval"]["margin"]) > 1e-3
+
+  other = _config(pairs_dir, **frozen_lr)
+  other.model.init_from = str(tmp_path / "trained")
+  other.model.head_hidden = 24  # Not the trained model's architecture.
+  with pytest.raises(ValueError, match="init_from=.*trained is not the architecture"):
+    reward_train.run(other, str(tmp_path / "other"))
