@@ -358,7 +358,9 @@ def merge_minibatch_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]
 
 def step_scalars(aux: Mapping[str, Any], scored: Scored) -> dict[str, float]:
   """What a step logs: the train metrics, every reward's rollout mean, the kept samples' reward
-  statistics, and how many groups tie (Flow-GRPO's zero_std_ratio: tied groups teach nothing)."""
+  statistics, how many groups tie (Flow-GRPO's zero_std_ratio: tied groups teach nothing), and,
+  with the oracle among the rewards, how often the trained reward orders a group's samples as
+  the oracle does (`advantages.group_pair_agreement`)."""
   scalars = {f"train/{k}": float(v) for k, v in aux.items()}
   scalars["train/kept_fraction"] = float(np.mean(scored.mask))  # Of the rollout.
   scalars.update({f"train/reward_{k}": float(np.mean(v)) for k, v in scored.rewards.items()})
@@ -367,4 +369,8 @@ def step_scalars(aux: Mapping[str, Any], scored: Scored) -> dict[str, float]:
   group_std = np.asarray(scored.reward).std(axis=1)
   scalars["train/zero_std_ratio"] = float(np.mean(group_std == 0))
   scalars["train/group_reward_std"] = float(np.mean(group_std))
+  if "oracle" in scored.rewards:  # Gold vs proxy: the trained reward's ranking, judged.
+    gold = np.asarray(scored.rewards["oracle"]).reshape(scored.reward.shape)
+    agreement, _ = advantages_lib.group_pair_agreement(scored.reward, gold)
+    scalars["train/pair_agreement_with_oracle"] = float(agreement)
   return scalars

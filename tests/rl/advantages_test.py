@@ -135,3 +135,23 @@ def test_jit_matches_eager():
   want, want_mask = adv_lib.topk_group_advantages(rewards, 6, stats="kept", std="global")
   np.testing.assert_array_equal(mask, want_mask)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_group_pair_agreement_counts_ordered_pairs_within_groups():
+  gold = np.array([[1.0, 0.0, 0.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+  # Group 0 orders 5 pairs: (0,1) (0,2) (0,3) (3,1) (3,2). The proxy gets (0,1), (0,3) and (3,1)
+  # right, ties (0,2) and reverses (3,2). Group 1 has no ordered pair.
+  proxy = np.array([[5.0, 1.0, 5.0, 2.0], [9.0, 0.0, 5.0, 1.0]])
+  agreement, pairs = adv_lib.group_pair_agreement(proxy, gold)
+  assert int(pairs) == 5
+  np.testing.assert_allclose(float(agreement), 3 / 5)
+  brute = [
+    (proxy[g, i] > proxy[g, j])
+    for g in range(2)
+    for i in range(4)
+    for j in range(4)
+    if gold[g, i] > gold[g, j]
+  ]
+  np.testing.assert_allclose(float(agreement), np.mean(brute))
+  assert float(adv_lib.group_pair_agreement(gold, gold)[0]) == 1.0
+  assert np.isnan(float(adv_lib.group_pair_agreement(proxy[1:], gold[1:])[0]))

@@ -1,5 +1,7 @@
 """rl.loop: the public GRPO step phases the job, the colab, plan and the benchmark share."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -66,3 +68,9 @@ def test_one_step_through_the_phases_on_a_two_device_mesh():
   scalars = loop.step_scalars(aux, scored)
   assert scalars["train/kept_fraction"] == 0.5
   assert np.isclose(scalars["train/reward_brightness"], np.mean(scored.rewards["brightness"]))
+  assert "train/pair_agreement_with_oracle" not in scalars  # No ground truth among the rewards.
+  # With the oracle among the rewards, the trained reward's ranking is judged against it.
+  b = scored.rewards["brightness"]
+  for oracle, expected in ((b, 1.0), (-b, 0.0)):
+    judged = dataclasses.replace(scored, rewards={"brightness": b, "oracle": oracle})
+    assert loop.step_scalars(aux, judged)["train/pair_agreement_with_oracle"] == expected

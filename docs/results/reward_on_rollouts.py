@@ -1,0 +1,93 @@
+"""How well a SpatialScore ranks a generator's own GRPO rollouts, with the oracle as ground truth
+(docs/results/grpo_synthetic.md).
+
+It draws the rollouts of the quickstart's GRPO stage (its config, the base generator, no
+training): P prompts x G SDE samples, and scores every image with SpatialScore and the oracle.
+Within each group, over the pairs of images the oracle tells apart, it reports how often
+SpatialScore orders them the same way: overall, when the worse image lacks a named object, and
+when it shows every object. It also gives the oracle's mean over the top-k and bottom-k that
+GRPO would keep.
+
+  python docs/results/reward_on_rollouts.py QUICKSTART_WORKDIR [STEPS] [REWARD]
+  # from the repository root; REWARD: another SpatialScore (default: QUICKSTART_WORKDIR/reward)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from spatial_jax import configs_lib, sharding
+from spatial_jax.data import oracle
+from spatial_jax.diffusion import text_to_image
+from spatial_jax.rl import loop
+from spatial_jax.rl import rewards as rewards_lib
+from spatial_jax.rl import steps as steps_lib
+
+
+def pair_agreement(proxy: np.ndarray, gold: np.ndarray, full: np.ndarray) -> dict[str, list[int]]:
+  """[agreeing, total] over within-group pairs with gold[i] > gold[j], split by whether image j
+  (the worse) shows every named object. Arrays are (P, G)."""
+  counts = {"all": [0, 0], "worse_misses_an_object": [0, 0], "worse_shows_every_object": [0, 0]}
+  for p, g, f in zip(proxy, gold, full, strict=True):
+    better, worse = np.nonzero(g[:, None] > g[None, :])
+    for i, j in zip(better, worse, strict=True):
+      kind = "worse_shows_every_object" if f[j] else "worse_misses_an_object"
+      for key in ("all", kind):
+        counts[key][0] += int(p[i] > p[j])
+        counts[key][1] += 1
+  return counts
+
+
+def main(workdir: str, steps: int, reward: str) -> None:
+  quickstart = configs_lib.load_config("configs/quickstart.py")
+  quickstart.seed = json.load(open(os.path.join(workdir, "config.json")))["seed"]
+  config = quickstart.grpo
+  config.seed = quickstart.seed
+  config.model.generator = os.path.join(workdir, "generator", "final")
+  config.reward.spatial_score = reward
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.resolve_rules(config.sharding_rules)
+  policy = text_to_image.load_text_to_image(config, mesh, rules)
+  graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
+  reward_fns = rewards_lib.make_rewards(config, mesh)
+  prompts = loop.prompt_source(config)
+  tx = steps_lib.make_optimizer(config)
+  phases = loop.jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
+  P, k = config.grpo.prompts_per_step, loop.kept_topk(config)
+  totals = {"all": [0, 0], "worse_misses_an_object": [0, 0], "worse_shows_every_object": [0, 0]}
+  top, bottom = [], []
+  with sharding.use_mesh(mesh, rules):
+    for step in range(1, steps + 1):
+      key = jax.random.fold_in(jax.random.key(config.seed), step)
+      roll = loop.rollout(phases, policy, trainable, frozen, prompts.train(step, P), key)
+      scores = loop.score_images(phases, reward_fns, roll.images, roll.group_prompts)
+      proxy = scores["spatial_score"].reshape(P, -1)
+      gold = scores["oracle"].reshape(P, -1)
+      images = zip(roll.images, roll.group_prompts, strict=True)
+      full = np.array([all(oracle.score_prompt(im, p).found) for im, p in images]).reshape(P, -1)
+      for name, (agree, total) in pair_agreement(proxy, gold, full).items():
+        totals[name][0] += agree
+        totals[name][1] += total
+      order = np.argsort(proxy, axis=1)
+      top.append(np.take_along_axis(gold, order[:, -k:], axis=1).mean())
+      bottom.append(np.take_along_axis(gold, order[:, :k], axis=1).mean())
+  result = {
+    name: {"agreement": round(a / max(n, 1), 3), "pairs": n} for name, (a, n) in totals.items()
+  }
+  result["oracle_top_k"] = round(float(np.mean(top)), 3)
+  result["oracle_bottom_k"] = round(float(np.mean(bottom)), 3)
+  print(json.dumps(dict(workdir=workdir, reward=reward, steps=steps, **result)))
+
+
+if __name__ == "__main__":
+  workdir = sys.argv[1]
+  main(
+    workdir,
+    int(sys.argv[2]) if len(sys.argv) > 2 else 12,
+    sys.argv[3] if len(sys.argv) > 3 else os.path.join(workdir, "reward"),
+  )
