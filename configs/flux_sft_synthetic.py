@@ -98,6 +98,8 @@ def get_config(arg=None):
   config.train = dict(
     # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
     max_abs_param=1e4,
+    # Loss guard: a logged loss beyond this times the median of the recent ones stops; 0: off.
+    max_loss_ratio=100.0,
     steps=1500,
     batch_size=32,
     lr=1e-3,

@@ -79,6 +79,8 @@ def get_config(arg=None):
   config.train = dict(
     # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
     max_abs_param=1e4,
+    # Loss guard: a logged loss beyond this times the median of the recent ones stops; 0: off.
+    max_loss_ratio=100.0,
     steps=2200,  # ~17 minutes on a 2-core CPU, after ~1.5 minutes building the pairs.
     batch_size=32,
     lr=2e-3,

@@ -51,6 +51,8 @@ def get_config(arg=None):
   config.train = dict(
     # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
     max_abs_param=1e4,
+    # Loss guard: a logged loss beyond this times the median of the recent ones stops; 0: off.
+    max_loss_ratio=100.0,
     # ~55 ms a step of 32 prompts on an idle 2-core CPU (~85 ms beside another job): ~3 min.
     steps=3000,
     batch_size=32,

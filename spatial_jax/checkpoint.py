@@ -29,6 +29,7 @@ trainer's save in flight; a leftover tmp dir is ignored and a re-save of its ste
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -59,6 +60,8 @@ _MAX_LISTED = 20
 # The largest |weight| a checkpoint may hold (`max_abs_param`): trained weights are O(1)-O(100);
 # a run whose weights pass this has diverged, even if every value is still finite.
 MAX_ABS_PARAM = 1e4
+# The loss guard's default: a logged loss this many times the median of the recent ones stops.
+MAX_LOSS_RATIO = 100.0
 
 
 class DivergedError(FloatingPointError):
@@ -508,3 +511,34 @@ def check_finite(aux: dict[str, Any], step: int, ckpt: Checkpointer, what: str, 
     f"(checked every {every} steps and before each save); the last good checkpoint is step "
     f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.train.lr or check the data."
   )
+
+
+class LossGuard:
+  """Stops a run whose loss explodes, before its weights do (`max_abs_param`) or turn non-finite.
+
+  Each logged loss is compared with the median of the last `window` logged ones (after `warmup`
+  of them); one beyond `ratio` times that median stops the run with `DivergedError`, naming the
+  step, both values and the last good checkpoint (saves pending are finished first, so it is
+  complete). Meant for losses that stay positive (Bradley-Terry, flow matching, cross-entropy);
+  a resumed run warms up again. `ratio` None or 0: off.
+  """
+
+  def __init__(self, ratio: float | None, *, window: int = 20, warmup: int = 5):
+    self.ratio, self.warmup = ratio, warmup
+    self._recent: collections.deque[float] = collections.deque(maxlen=window)
+
+  def check(self, loss: float, step: int, ckpt: Checkpointer, what: str) -> None:
+    loss = float(loss)
+    if not self.ratio:
+      return
+    if len(self._recent) >= self.warmup:
+      typical = float(np.median(self._recent))
+      if typical > 0 and loss > self.ratio * typical:
+        ckpt.wait_until_finished()
+        raise DivergedError(
+          f"The {what} loss exploded at step {step}: {loss:.4g}, against a median of "
+          f"{typical:.4g} over the last {len(self._recent)} logged steps (the guard is "
+          f"config.train.max_loss_ratio={self.ratio:g}). The last good checkpoint is step "
+          f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.train.lr."
+        )
+    self._recent.append(loss)

@@ -273,3 +273,20 @@ def test_resume_does_not_skip_a_checkpoint_that_does_not_fit(tmp_path):
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(checkpoint.CheckpointMismatchError, match="checkpoints/2"):
       ckpt.restore(params={"other": jnp.zeros(3)})
+
+
+def test_loss_guard_stops_a_loss_that_explodes_against_its_recent_median(tmp_path):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(10, params=_lora_state(0))
+    checkpoint.LossGuard(100.0, warmup=1).check(1e6, 1, ckpt, "test")  # Nothing to compare with.
+    guard = checkpoint.LossGuard(100.0, window=4, warmup=3)
+    # 60.0 is 100 x the median of (0.7, 0.6, 0.5), not beyond it; then the last 4 logged
+    # losses are (0.6, 0.5, 60, 0.5), whose median is 0.55.
+    for step, loss in enumerate([0.7, 0.6, 0.5, 60.0, 0.5], start=1):
+      guard.check(loss, step, ckpt, "test")
+    with pytest.raises(checkpoint.DivergedError, match=r"exploded at step 6: 56") as error:
+      guard.check(56.0, 6, ckpt, "test")
+    assert "median of 0.55" in str(error.value) and "step 10 in" in str(error.value)
+    off = checkpoint.LossGuard(0.0, warmup=1)
+    for step, loss in enumerate([1.0, 1e9, 1e18]):
+      off.check(loss, step, ckpt, "test")

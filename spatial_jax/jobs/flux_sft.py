@@ -296,6 +296,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
   # -- Train loop ----------------------------------------------------------------------------
 
+  loss_guard = checkpoint.LossGuard(config.train.get("max_loss_ratio", checkpoint.MAX_LOSS_RATIO))
   progress = metrics.Progress(
     config.train.steps,
     every_secs=config.log_every_secs,
@@ -317,6 +318,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if log_now or step % config.train.checkpoint_every == 0:
           aux = jax.device_get(aux)
           checkpoint.check_finite(aux, step, ckpt, "flow-matching training", config.log_every_steps)
+          if log_now:
+            loss_guard.check(aux["loss"], step, ckpt, "flow-matching training")
         if log_now:
           scalars = {f"train/{k}": float(v) for k, v in aux.items()}
           writer.write_scalars(step, scalars)

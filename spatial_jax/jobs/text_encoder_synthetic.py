@@ -192,6 +192,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   # -- Train loop ----------------------------------------------------------------------------
 
   writer = metrics.create_writer(workdir)
+  loss_guard = checkpoint.LossGuard(config.train.get("max_loss_ratio", checkpoint.MAX_LOSS_RATIO))
   progress = metrics.Progress(
     t.steps, every_secs=config.log_every_secs, name="train", writer=writer, start_step=start_step
   )
@@ -218,6 +219,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if log_now or step % t.checkpoint_every == 0:
           aux = jax.device_get(aux)
           checkpoint.check_finite(aux, step, ckpt, "text encoder training", config.log_every_steps)
+          if log_now:
+            loss_guard.check(aux["loss"], step, ckpt, "text encoder training")
         if log_now:
           scalars = {f"train/{k}": float(v) for k, v in aux.items()}
           writer.write_scalars(step, scalars)

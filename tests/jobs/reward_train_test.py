@@ -120,3 +120,11 @@ def test_init_from_starts_from_a_trained_spatial_score(pairs_dir, tmp_path):
   other.model.head_hidden = 24  # Not the trained model's architecture.
   with pytest.raises(ValueError, match="init_from=.*trained is not the architecture"):
     reward_train.run(other, str(tmp_path / "other"))
+
+
+def test_loss_guard_reaches_the_job(pairs_dir, tmp_path):
+  # A ratio below 1 makes any loss "explode" once 5 steps are logged: the guard is wired in.
+  config = _config(pairs_dir, steps=6, checkpoint_every=2, max_loss_ratio=1e-9)
+  with pytest.raises(checkpoint.DivergedError, match="reward training loss exploded at step 6"):
+    reward_train.run(config, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [2, 4]
