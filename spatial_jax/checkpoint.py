@@ -166,6 +166,7 @@ class Checkpointer:
       directory, options=options, handler_registry=_handler_registry()
     )
     self._closed = False
+    self._damaged: set[int] = set()  # Steps a resume found unreadable; a save replaces them.
 
   @property
   def directory(self) -> epath.Path:
@@ -196,6 +197,12 @@ class Checkpointer:
     after an interval save at the same step is harmless. Items passed as None are not saved.
     """
     step = int(step)
+    if step in self._damaged:
+      # The resume skipped this step as unreadable; the run is back at it, so a good checkpoint
+      # can take its place (and a later resume will not stumble on it again).
+      logging.warning("Replacing the damaged checkpoint %s", self.directory / str(step))
+      self._manager.delete(step)
+      self._damaged.discard(step)
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists; not saving again.", step)
       return False
@@ -286,6 +293,7 @@ class Checkpointer:
           str(e).splitlines()[0][:300] if str(e) else "",
         )
         first_error = first_error or e
+        self._damaged.add(candidate)
         continue
       if first_error is not None:
         logging.warning(

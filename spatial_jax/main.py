@@ -114,6 +114,23 @@ def main(argv):
       run(config, workdir)
   except fileio.WorkdirBusyError as e:
     raise app.UsageError(str(e)) from e
+  except Exception as e:  # noqa: BLE001 - every failure of a job ends the same way.
+    _fail(config.job, e)
+
+
+def _fail(job: str, error: Exception) -> None:
+  """Ends a failed job: the traceback goes to the log, and the cause is the last thing printed.
+
+  The jobs' own `finally` blocks have run by now (checkpoints finished, event files flushed), so
+  the process exits at once: a normal interpreter shutdown would stop orbax's and asyncio's
+  threads mid-flight and print hundreds of lines of their tracebacks after the cause.
+  """
+  logging.exception("Job %r failed", job)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f"FATAL {job} failed: {type(error).__name__}: {error}\n")
+  sys.stderr.flush()
+  os._exit(1)
 
 
 @contextlib.contextmanager

@@ -258,8 +258,14 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_can_be_read(tmp_path, c
     with pytest.raises(Exception) as error:
       ckpt.restore(3, params=_lora_state(0))
     assert not isinstance(error.value, checkpoint.CheckpointMismatchError)
+    # The resumed run reaches step 3 again: its save replaces the damaged one.
+    assert ckpt.save(3, params=_lora_state(33), rng=jax.random.key(3))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    restored = ckpt.restore(params=_lora_state(0), rng=jax.random.key(0))
+    assert restored.step == 3
+    _assert_trees_equal(restored.params, _lora_state(33))
 
-  for step in (1, 2):
+  for step in (1, 2, 3):
     _damage(tmp_path / "checkpoints" / str(step) / "params")
   with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
     with pytest.raises(checkpoint.DamagedCheckpointError, match=r"steps \[1, 2, 3\]"):

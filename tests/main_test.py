@@ -126,3 +126,16 @@ def test_misspelled_config_key_is_one_line_with_the_valid_keys(tmp_path, overrid
   assert last.startswith("FATAL Flags parsing error: " + override.split("=")[0]) and message in last
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_failed_job_ends_with_its_cause_on_the_last_line(tmp_path):
+  missing = tmp_path / "no_model"
+  result = _main(
+    "--config=configs/reward_eval.py:smoke",
+    f"--workdir={tmp_path / 'eval'}",
+    f"--config.model_path={missing}",
+  )
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("FATAL reward_eval failed: ValueError: ") and str(missing) in last
+  assert "Traceback" in result.stderr  # The whole story is in the log, above the cause.
