@@ -3,13 +3,16 @@
 The data is written to a temporary file in the same directory (same filesystem), flushed
 and fsynced, then moved over the target with `os.replace`. Temporary names are
 `.<name>.<random>.tmp`, so `is_leftover` can recognise what an interrupted write left.
-`atomic_directory` does the same for a whole folder (a model export). `workdir_lock` keeps a
-workdir to one run at a time.
+`atomic_directory` does the same for a whole folder (a model export). `write_checksums` /
+`verify_checksums` record an export's file hashes and check them at load, so that a damaged model
+folder is named instead of loading wrong weights. `workdir_lock` keeps a workdir to one run at a
+time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -90,6 +93,62 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+CHECKSUMS_FILE = "checksums.sha256"
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike[str]) -> str:
+  """Writes `<folder>/checksums.sha256`: the SHA-256 of every file under `folder`, in the format
+  of `sha256sum` (so `cd folder && sha256sum -c checksums.sha256` checks it too). Call once the
+  folder is complete. Returns the file's path."""
+  folder = os.fspath(folder)
+  lines = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, folder)
+      if relative != CHECKSUMS_FILE and not is_leftover(name):
+        lines.append(f"{_sha256(path)}  {relative}\n")
+  path = os.path.join(folder, CHECKSUMS_FILE)
+  write_atomic(path, "".join(lines).encode())
+  return path
+
+
+def verify_checksums(folder: str | os.PathLike[str], what: str) -> None:
+  """Checks the files `write_checksums` recorded; a folder without the record (written before
+  checksums existed) passes. Files added later are not checked.
+
+  Raises:
+    ValueError: naming the first file that is missing or whose contents changed, and `what`
+      (e.g. "the generator folder") as damaged.
+  """
+  folder = os.fspath(folder)
+  record = os.path.join(folder, CHECKSUMS_FILE)
+  if not os.path.exists(record):
+    return
+  with open(record) as f:
+    for number, line in enumerate(f, start=1):
+      expected, sep, relative = line.rstrip("\n").partition("  ")
+      if not sep:
+        raise ValueError(f"{record}:{number} is not a checksum line: {what} is damaged.")
+      path = os.path.join(folder, relative)
+      if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing ({record} lists it): {what} is incomplete.")
+      if _sha256(path) != expected:
+        raise ValueError(
+          f"{path} does not match its checksum in {record}: {what} is damaged or was changed "
+          "after export. Export it again (or restore the file)."
+        )
 
 
 LOCK_FILE = ".lock"

@@ -67,3 +67,23 @@ def test_workdir_lock_of_a_dead_process_is_taken_over(tmp_path):
   assert '"job": "grpo"' in (tmp_path / fileio.LOCK_FILE).read_text()  # A stale record ...
   with fileio.workdir_lock(tmp_path, "sample"):  # ... and a free lock.
     assert '"job": "sample"' in (tmp_path / fileio.LOCK_FILE).read_text()
+
+
+def test_checksums_name_the_changed_or_missing_file(tmp_path):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "a.bin").write_bytes(b"\x00" * 10)
+  (tmp_path / "sub" / "b.json").write_text("{}")
+  fileio.write_checksums(tmp_path)
+  lines = (tmp_path / fileio.CHECKSUMS_FILE).read_text().splitlines()
+  assert [line.split("  ")[1] for line in lines] == ["a.bin", "sub/b.json"]
+  fileio.verify_checksums(tmp_path, "the test folder")
+  (tmp_path / "extra.txt").write_text("added later")  # Not recorded: not checked.
+  fileio.verify_checksums(tmp_path, "the test folder")
+  (tmp_path / "a.bin").write_bytes(b"\x00" * 9 + b"\x01")
+  with pytest.raises(ValueError, match="a.bin does not match its checksum.*the test folder"):
+    fileio.verify_checksums(tmp_path, "the test folder")
+  (tmp_path / "a.bin").write_bytes(b"\x00" * 10)
+  (tmp_path / "sub" / "b.json").unlink()
+  with pytest.raises(ValueError, match="b.json is missing.*the test folder is incomplete"):
+    fileio.verify_checksums(tmp_path, "the test folder")
+  fileio.verify_checksums(tmp_path / "sub", "a folder without a record")  # Passes.

@@ -282,6 +282,7 @@ def export_generator(
     trained_from=trained_from,
   )
   fileio.write_atomic(os.path.join(directory, GENERATOR_FILE), metrics.to_json(info).encode())
+  fileio.write_checksums(directory)  # Checked by load_generator.
   logging.info("Wrote the generator (step %d) to %s", step, directory)
   return directory
 
@@ -320,6 +321,7 @@ def load_generator(directory: str | os.PathLike, **transformer_kwargs: Any) -> G
   path = os.path.join(directory, GENERATOR_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No {GENERATOR_FILE} in {directory!r}: not an exported generator.")
+  fileio.verify_checksums(directory, "the generator folder")
   with open(path) as f:
     try:
       info = json.load(f)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from spatial_jax import checkpoint, hf, lora, metrics, sharding
+from spatial_jax import checkpoint, fileio, hf, lora, metrics, sharding
 from spatial_jax.data import pairs
 from spatial_jax.models.qwen25vl import ModelInputs
 from spatial_jax.models.qwen25vl import params as qwen_params
@@ -212,6 +212,7 @@ class SpatialScore:
   @classmethod
   def _load_export(cls, directory, mesh, batch_size) -> SpatialScore:
     meta_path = os.path.join(directory, EXPORT_CONFIG)
+    fileio.verify_checksums(directory, "the SpatialScore export")
     with open(meta_path) as f:
       meta = json.load(f)
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
@@ -355,6 +356,7 @@ class SpatialScore:
       exported_from=self.source,
       config=json.loads(config.to_json_best_effort()),
     )
+    fileio.write_checksums(directory)  # Checked by `load`.
     metrics.write_summary(directory, meta, name=EXPORT_CONFIG)  # Last: marks the export complete.
     return directory
 

@@ -317,3 +317,15 @@ def test_trainable_t5_run_exports_the_trained_t5(smoke, tmp_path):
   clip, clip_initial = _flat(nnx.state(exported.clip)), _flat(nnx.state(initial.clip))
   for name, value in clip_initial.items():
     np.testing.assert_array_equal(clip[name], value, err_msg=name)
+
+
+def test_a_damaged_generator_export_is_named(smoke, tmp_path):
+  final = tmp_path / "final"
+  shutil.copytree(os.path.join(smoke, "final"), final)
+  assert (final / "checksums.sha256").exists()
+  weights = next((final / "transformer").glob("*.safetensors"))
+  data = bytearray(weights.read_bytes())
+  data[-5] ^= 0x40  # One flipped bit in the weights: the file still parses.
+  weights.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="safetensors does not match its checksum.*generator"):
+    generator_lib.load_generator(final)

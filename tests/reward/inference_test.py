@@ -119,6 +119,7 @@ def test_export_and_reload_give_identical_scores(scorer, eval_pairs, tmp_path):
   folder = scorer.export(tmp_path / "export")
   assert sorted(os.listdir(folder)) == [
     "backbone.safetensors",
+    "checksums.sha256",
     "head.safetensors",
     "spatial_score.json",
     "tokenizer",
@@ -250,3 +251,13 @@ def test_another_jobs_workdir_is_not_taken_for_a_spatial_score(tmp_path):
   with pytest.raises(ValueError, match="config.json is not valid JSON"):
     SpatialScore.load(tmp_path)
   assert (tmp_path / "config.json").read_text() == record[:30]
+
+
+def test_a_damaged_export_is_named(scorer, tmp_path):
+  folder = scorer.export(tmp_path / "export")
+  head = os.path.join(folder, "head.safetensors")
+  data = bytearray(open(head, "rb").read())
+  data[-3] ^= 0x40  # One flipped bit in the weights: the file still parses.
+  open(head, "wb").write(bytes(data))
+  with pytest.raises(ValueError, match="head.safetensors does not match its checksum.*export"):
+    SpatialScore.load(folder)
