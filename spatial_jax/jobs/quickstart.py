@@ -66,7 +66,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   text_encoder, seconds["text_encoder"] = _stage(
     workdir, "text_encoder", text_encoder_synthetic.run, config.text_encoder
   )
-  config.reward.data.pairs = pairs
+  if not config.reward.data.synthetic.get("recolour_fraction"):
+    config.reward.data.pairs = pairs
+  # else: the reward builds its own folder (reward/pairs) with recoloured pairs as well, which the
+  # generator must not learn captions from (configs/quickstart.py).
   reward, seconds["reward"] = _stage(workdir, "reward", reward_train.run, config.reward)
   config.generator.data.pairs = pairs
   config.generator.text.t5_pretrained = os.path.join(workdir, "text_encoder", "final")
@@ -182,7 +185,13 @@ def render_report(report: dict[str, Any], config: Any) -> str:
     f"Held-out pairwise accuracy: {_fmt(reward_eval.get('accuracy'))} "
     f"(untrained ~0.5, the oracle 1.0); horizontal relations "
     f"{_fmt(reward_eval.get('accuracy_horizontal'))}, vertical "
-    f"{_fmt(reward_eval.get('accuracy_vertical'))}. Curve: reward/learning_curve.png.",
+    f"{_fmt(reward_eval.get('accuracy_vertical'))}"
+    + (
+      f", a named object missing (recoloured) {_fmt(reward_eval['accuracy_colour'])}"
+      if "accuracy_colour" in reward_eval
+      else ""
+    )
+    + ". Curve: reward/learning_curve.png.",
     "",
     "## Base generator (generator/)",
     "",

@@ -36,6 +36,23 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   tuned = json.loads((tmp_path / "grpo" / "final" / "generator.json").read_text())
   assert base["sampling"]["cfg_scale"] == 2.0
   assert grpo_config["sampling"]["cfg_scale"] == tuned["sampling"]["cfg_scale"] == 1.0
+  # SpatialScore learned from its own folder: the shared relation pairs plus recoloured ones
+  # (a named object missing); the generator's captions came from pairs/, which has none.
+  assert json.loads((tmp_path / "reward" / "config.json").read_text())["data"]["pairs"] == ""
+  own_stats = json.loads((tmp_path / "reward" / "pairs" / "stats.json").read_text())
+  shared_stats = json.loads((tmp_path / "pairs" / "stats.json").read_text())
+  assert own_stats["change_type"].get("colour", 0) > 0
+  assert "colour" not in shared_stats["change_type"]
+  rows = lambda folder: {r["id"]: r for r in map(json.loads, open(folder / "pairs.jsonl"))}  # noqa: E731
+  own, shared = rows(tmp_path / "reward" / "pairs"), rows(tmp_path / "pairs")
+  assert own.keys() == shared.keys()
+  relation_ids = [i for i, r in own.items() if r["source"]["change_type"] != "colour"]
+  assert 0 < len(relation_ids) < len(own)
+  for i in relation_ids:
+    assert (own[i]["prompt"], own[i]["perturbed_prompt"]) == (
+      shared[i]["prompt"],
+      shared[i]["perturbed_prompt"],
+    )
   # The generator read the T5 the text-encoder stage pretrained.
   generator_config = json.loads((tmp_path / "generator" / "config.json").read_text())
   assert generator_config["text"]["t5_pretrained"] == str(tmp_path / "text_encoder" / "final")
@@ -53,6 +70,7 @@ def test_smoke_runs_every_stage_writes_the_report_and_a_rerun_skips(tmp_path):
   text = (tmp_path / "report.md").read_text()
   assert "| eval/oracle |" in text and "eval_fresh" not in text and "a pool of" not in text
   assert "| eval_long | relations |" in text
+  assert "a named object missing (recoloured) " in text
   assert "Held-out pairwise accuracy: 0." in text and "trained on the spatial_score reward" in text
   before, after = report["grpo"]["before"], report["grpo"]["after"]
   change = after["eval/oracle_objects"] - before["eval/oracle_objects"]
