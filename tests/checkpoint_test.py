@@ -1,7 +1,11 @@
 """Tests for spatial_jax.checkpoint (orbax + grain, 8 fake CPU devices from conftest)."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import grain
 import jax
@@ -296,3 +300,42 @@ def test_loss_guard_stops_a_loss_that_explodes_against_its_recent_median(tmp_pat
     off = checkpoint.LossGuard(0.0, warmup=1)
     for step, loss in enumerate([1.0, 1e9, 1e18]):
       off.check(loss, step, ckpt, "test")
+
+
+_KILLED_WRITER = """
+import sys, numpy as np
+from spatial_jax import checkpoint
+ckpt = checkpoint.Checkpointer(sys.argv[1], max_to_keep=None)
+big = {"w": np.full((4096, 4096), 1.0, np.float32)}  # 64 MB: the write takes a while.
+ckpt.save(1, params=big)
+ckpt.wait_until_finished()
+ckpt.save(2, params={"w": big["w"] * 2})  # Async: returns once the arrays are on the host.
+print("writing", flush=True)
+ckpt.wait_until_finished()
+print("written", flush=True)
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_a_resumable_workdir(tmp_path):
+  """kill -9 while step 2 is being written: a resume finds step 1 (or a complete step 2), and
+  the rerun's save of step 2 succeeds."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  child = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
+    stdout=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+  assert child.stdout.readline().strip() == "writing"
+  child.send_signal(signal.SIGKILL)
+  child.wait(timeout=60)
+  target = {"w": np.zeros((4096, 4096), np.float32)}
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    restored = ckpt.restore(params=target)
+    assert restored.step in (1, 2)
+    assert float(restored.params["w"][0, 0]) == restored.step  # Whole, and the right one.
+    if restored.step == 1:
+      assert ckpt.save(2, params={"w": target["w"] + 2})
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    assert ckpt.latest_step() == 2
+    assert float(ckpt.restore(params=target).params["w"][-1, -1]) == 2.0
