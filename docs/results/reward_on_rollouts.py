@@ -25,23 +25,9 @@ from flax import nnx
 from spatial_jax import configs_lib, sharding
 from spatial_jax.data import oracle
 from spatial_jax.diffusion import text_to_image
-from spatial_jax.rl import loop
+from spatial_jax.rl import advantages, loop
 from spatial_jax.rl import rewards as rewards_lib
 from spatial_jax.rl import steps as steps_lib
-
-
-def pair_agreement(proxy: np.ndarray, gold: np.ndarray, full: np.ndarray) -> dict[str, list[int]]:
-  """[agreeing, total] over within-group pairs with gold[i] > gold[j], split by whether image j
-  (the worse) shows every named object. Arrays are (P, G)."""
-  counts = {"all": [0, 0], "worse_misses_an_object": [0, 0], "worse_shows_every_object": [0, 0]}
-  for p, g, f in zip(proxy, gold, full, strict=True):
-    better, worse = np.nonzero(g[:, None] > g[None, :])
-    for i, j in zip(better, worse, strict=True):
-      kind = "worse_shows_every_object" if f[j] else "worse_misses_an_object"
-      for key in ("all", kind):
-        counts[key][0] += int(p[i] > p[j])
-        counts[key][1] += 1
-  return counts
 
 
 def main(workdir: str, steps: int, reward: str) -> None:
@@ -59,28 +45,29 @@ def main(workdir: str, steps: int, reward: str) -> None:
   tx = steps_lib.make_optimizer(config)
   phases = loop.jit_phases(graphdef, trainable, frozen, policy, tx, config, mesh, rules)
   P, k = config.grpo.prompts_per_step, loop.kept_topk(config)
-  totals = {"all": [0, 0], "worse_misses_an_object": [0, 0], "worse_shows_every_object": [0, 0]}
-  top, bottom = [], []
+  proxies, golds, fulls = [], [], []  # (P, G) per step
   with sharding.use_mesh(mesh, rules):
     for step in range(1, steps + 1):
       key = jax.random.fold_in(jax.random.key(config.seed), step)
       roll = loop.rollout(phases, policy, trainable, frozen, prompts.train(step, P), key)
       scores = loop.score_images(phases, reward_fns, roll.images, roll.group_prompts)
-      proxy = scores["spatial_score"].reshape(P, -1)
-      gold = scores["oracle"].reshape(P, -1)
+      proxies.append(scores["spatial_score"].reshape(P, -1))
+      golds.append(scores["oracle"].reshape(P, -1))
       images = zip(roll.images, roll.group_prompts, strict=True)
-      full = np.array([all(oracle.score_prompt(im, p).found) for im, p in images]).reshape(P, -1)
-      for name, (agree, total) in pair_agreement(proxy, gold, full).items():
-        totals[name][0] += agree
-        totals[name][1] += total
-      order = np.argsort(proxy, axis=1)
-      top.append(np.take_along_axis(gold, order[:, -k:], axis=1).mean())
-      bottom.append(np.take_along_axis(gold, order[:, :k], axis=1).mean())
-  result = {
-    name: {"agreement": round(a / max(n, 1), 3), "pairs": n} for name, (a, n) in totals.items()
-  }
-  result["oracle_top_k"] = round(float(np.mean(top)), 3)
-  result["oracle_bottom_k"] = round(float(np.mean(bottom)), 3)
+      fulls.append(np.array([all(oracle.score_prompt(im, p).found) for im, p in images]))
+  proxy, gold = np.concatenate(proxies), np.concatenate(golds)
+  full = np.concatenate(fulls).reshape(gold.shape)
+  result = {}
+  for name, worse in (
+    ("all", None),
+    ("worse_misses_an_object", ~full),
+    ("worse_shows_every_object", full),
+  ):
+    agreement, pairs = advantages.group_pair_agreement(proxy, gold, worse)
+    result[name] = {"agreement": round(float(agreement), 3), "pairs": int(pairs)}
+  order = np.argsort(proxy, axis=1)  # What GRPO keeps: the top-k and bottom-k by the reward.
+  result["oracle_top_k"] = round(float(np.take_along_axis(gold, order[:, -k:], 1).mean()), 3)
+  result["oracle_bottom_k"] = round(float(np.take_along_axis(gold, order[:, :k], 1).mean()), 3)
   print(json.dumps(dict(workdir=workdir, reward=reward, steps=steps, **result)))
 
 

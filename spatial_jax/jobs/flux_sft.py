@@ -318,9 +318,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if log_now or step % config.train.checkpoint_every == 0:
           aux = jax.device_get(aux)
           checkpoint.check_finite(aux, step, ckpt, "flow-matching training", config.log_every_steps)
-          if log_now:
-            loss_guard.check(aux["loss"], step, ckpt, "flow-matching training")
         if log_now:
+          loss_guard.check(aux["loss"], step, ckpt, "flow-matching training")
           scalars = {f"train/{k}": float(v) for k, v in aux.items()}
           writer.write_scalars(step, scalars)
           history.add(step, scalars)

@@ -153,9 +153,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if log_now or step % config.train.checkpoint_every == 0:
           aux = jax.device_get(aux)
           checkpoint.check_finite(aux, step, ckpt, "reward training", config.log_every_steps)
-          if log_now:
-            loss_guard.check(aux["loss"], step, ckpt, "reward training")
         if log_now:
+          loss_guard.check(aux["loss"], step, ckpt, "reward training")
           scalars = {f"train/{k}": float(v) for k, v in aux.items() if k != "finite"}
           writer.write_scalars(step, scalars)
           history.add(step, scalars)

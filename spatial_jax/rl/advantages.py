@@ -126,15 +126,20 @@ def topk_group_advantages(
   return jnp.where(mask, advantages, 0.0), mask
 
 
-def group_pair_agreement(proxy: jax.Array, gold: jax.Array) -> tuple[jax.Array, jax.Array]:
+def group_pair_agreement(
+  proxy: jax.Array, gold: jax.Array, worse: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """How often a (learned) reward orders a group's samples as a ground-truth one does.
 
   Over the pairs (i, j) of samples of one group with gold[i] > gold[j], the fraction with
-  proxy[i] > proxy[j] (a tie counts as wrong), and the number of such pairs. Both (P, G). The
-  ranking within groups is all that GRPO's advantages take from a reward, so this is the proxy's
-  accuracy where it matters; the fraction is nan when no group has two gold values."""
+  proxy[i] > proxy[j] (a tie counts as wrong), and the number of such pairs. All (P, G); `worse`
+  (bool) keeps only the pairs whose worse sample j it marks, e.g. the images missing an object.
+  The ranking within groups is all that GRPO's advantages take from a reward, so this is the
+  proxy's accuracy where it matters; the fraction is nan when no pair counts."""
   proxy, gold = jnp.asarray(proxy, jnp.float32), jnp.asarray(gold, jnp.float32)
   ordered = gold[:, :, None] > gold[:, None, :]
+  if worse is not None:
+    ordered &= jnp.asarray(worse, bool)[:, None, :]
   agree = ordered & (proxy[:, :, None] > proxy[:, None, :])
   pairs = ordered.sum()
   return agree.sum() / pairs, pairs

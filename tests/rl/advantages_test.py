@@ -154,4 +154,9 @@ def test_group_pair_agreement_counts_ordered_pairs_within_groups():
   ]
   np.testing.assert_allclose(float(agreement), np.mean(brute))
   assert float(adv_lib.group_pair_agreement(gold, gold)[0]) == 1.0
+  # Only the pairs whose worse sample is marked: here samples 1 and 2, i.e. (0,1) (0,2) (3,1)
+  # (3,2), of which the proxy gets (0,1) and (3,1) right.
+  worse = np.array([[False, True, True, False], [True] * 4])
+  agreement, pairs = adv_lib.group_pair_agreement(proxy, gold, worse)
+  assert int(pairs) == 4 and float(agreement) == 0.5
   assert np.isnan(float(adv_lib.group_pair_agreement(proxy[1:], gold[1:])[0]))
