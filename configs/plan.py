@@ -72,6 +72,17 @@ def flux_dev_grpo():
       row(f"rollout {res} P=2 v5p", "grpo_rollout", GRPO, devices=4, set=two_prompts),
       row(f"train {res} full v5p", "grpo_train", GRPO, devices=4, remat="full", set=size),
     ]
+  # The same 1024 px steps with the blockwise attention (models/attention.py): tiles of scores
+  # instead of 4,608^2 per head, what a fused kernel (cuDNN, Pallas) holds too.
+  blockwise = [("data.image_size", 1024), ("model.attention_impl", "blockwise")]
+  rows += [
+    row("rollout 1024 P=8 blockwise", "grpo_rollout", GRPO, set=blockwise),
+    row(f"train 1024 {dots} blockwise", "grpo_train", GRPO, remat=dots, set=blockwise),
+    row("train 1024 full blockwise", "grpo_train", GRPO, remat="full", set=blockwise),
+    row(
+      "train 1024 full v5p blockwise", "grpo_train", GRPO, devices=4, remat="full", set=blockwise
+    ),
+  ]
   # The paper's cluster (`grpo_flux_dev.py:nodes=4`): 4 nodes x 8 GPUs, FSDP within a node and
   # data-parallel across nodes. The whole rollout (8 prompts x 24 = 192 samples, 6 a device) in
   # one call; the 96 kept samples in 3 minibatches of 32 (one a device).

@@ -9,8 +9,9 @@ trainers jit them) for a mesh of fake CPU devices. It reports per device:
 
 - memory from XLA's `memory_analysis()`: arguments + outputs + temporaries - aliased (donated)
   buffers. The CPU compiler's buffer assignment is an estimate of an accelerator's (fusion and
-  scheduling differ, cuDNN flash attention cannot be compiled here: XLA attention materialises
-  the score matrices, so attention-heavy rows are overestimates where `attention_impl="cudnn"`);
+  scheduling differ). cuDNN and Pallas flash attention cannot be compiled here and XLA attention
+  materialises the score matrices: rows with `model.attention_impl="blockwise"` (tiles of
+  scores, `models/attention.py`) show what a fused kernel holds;
 - FLOPs: the matmul FLOPs of the step's jaxpr (`matmul_flops`), divided by the device count.
   XLA's `cost_analysis()` counts a while-loop body once (the scanned layers, the sampler's steps,
   the trained timesteps), so its number is recorded in plan.json only, for reference.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from spatial_jax.models.attention import check_implementation as check_attention
 from spatial_jax.models.common import HFConfig
 
 # `remat` policies by name (jax.checkpoint_policies); "none" keeps every activation, "full"
@@ -38,7 +39,7 @@ class FluxConfig(HFConfig):
   # Runtime.
   dtype: str = "float32"  # Compute dtype.
   param_dtype: str = "float32"
-  # jax.nn.dot_product_attention implementation: None (XLA), "xla" or "cudnn".
+  # None (XLA), "xla", "cudnn", "blockwise" or "tpu_flash" (models/attention.py).
   attention_impl: str | None = None
   # Rematerialisation of each block in the backward pass (see REMAT_POLICIES).
   remat: str = "none"
@@ -50,6 +51,7 @@ class FluxConfig(HFConfig):
     super().__post_init__()
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"FluxConfig.remat={self.remat!r}; use one of {REMAT_POLICIES}")
+    check_attention(self.attention_impl)
     if sum(self.axes_dims_rope) != self.attention_head_dim:
       raise ValueError(
         f"sum(axes_dims_rope)={sum(self.axes_dims_rope)} must equal attention_head_dim="

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models import attention as shared_attention
 from spatial_jax.models.common import linear
 from spatial_jax.models.flux.config import FluxConfig
 
@@ -173,8 +174,9 @@ class AdaLayerNormContinuous(nnx.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
-  """Softmax attention over (B, S, N, D) with scale 1/sqrt(D), through XLA or cuDNN."""
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  """Softmax attention over (B, S, N, D) with scale 1/sqrt(D), through the `attention_impl`
+  (XLA, cuDNN, blockwise or the TPU kernel: `models/attention.py`)."""
+  return shared_attention.attention(q, k, v, implementation=implementation)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)

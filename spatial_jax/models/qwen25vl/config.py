@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from spatial_jax.models.attention import check_implementation as check_attention
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -93,10 +95,12 @@ class Qwen25VLConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
-  # jax.nn.dot_product_attention implementation: None (XLA) or "cudnn".
+  # None (the eager fp32-softmax path), "xla", "cudnn", "blockwise" or "tpu_flash"
+  # (models/attention.py).
   attention_impl: str | None = None
 
   def __post_init__(self):
+    check_attention(self.attention_impl)
     text, vision = self.text, self.vision
     if text.hidden_size % text.num_attention_heads:
       raise ValueError(f"text hidden_size {text.hidden_size} % heads {text.num_attention_heads}")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spatial_jax.models import attention as shared_attention
 from spatial_jax.models.common import HasDtypes, activation, linear
 
 
@@ -88,11 +89,13 @@ def attention(
 ) -> jax.Array:
   """Scaled dot-product attention on (B, T, N, H) arrays; GQA when k/v have fewer heads.
 
-  Softmax runs in fp32 whatever the input dtype, as transformers' eager path does.
+  With no `implementation` the softmax runs in fp32 whatever the input dtype, as transformers'
+  eager path does; the others ("xla", "cudnn", "blockwise", "tpu_flash") are
+  `models/attention.py`'s.
   """
   scale = q.shape[-1] ** -0.5
   if implementation is not None:
-    return jax.nn.dot_product_attention(
+    return shared_attention.attention(
       q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
     )
   groups = q.shape[2] // k.shape[2]

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spatial_jax import hf, lora, sharding
+from spatial_jax.models import attention
 from spatial_jax.models.flux import FluxConfig, FluxTransformer, layers, params
 
 NAME = "guided"
@@ -206,3 +207,25 @@ def test_gelu_tanh_values_and_gradients():
   for got in (ours, jax_ref):  # Both within fp32 rounding of the truth (1 + tanh cancels).
     np.testing.assert_allclose(got[0], value, rtol=1e-5, atol=3e-6)
     np.testing.assert_allclose(got[1], slope, rtol=1e-5, atol=3e-6)
+
+
+def test_blockwise_attention_gives_the_xla_outputs_and_lora_gradients(saved, monkeypatch):
+  # Tiles of 8 queries x 4 keys over the 7 + 15 tokens: several tiles, the last ones padded.
+  monkeypatch.setattr(attention, "BLOCK_Q", 8)
+  monkeypatch.setattr(attention, "BLOCK_K", 4)
+  batch = _batch(seed=2)
+
+  def adapted(**runtime):
+    model = params.from_pretrained(saved, **runtime)
+    lora.apply_lora(model, rank=4, alpha=8, targets=params.lora_targets(True), rngs=nnx.Rngs(0))
+    for layer in lora.lora_layers(model).values():
+      layer.lora_b[...] = jnp.full(layer.lora_b.shape, 0.05)
+    return model
+
+  xla, blockwise = adapted(), adapted(attention_impl="blockwise")
+  assert blockwise.config.attention_impl == "blockwise"
+  np.testing.assert_allclose(blockwise(**batch), xla(**batch), rtol=1e-5, atol=1e-5)
+  expected = dict(nnx.to_flat_state(_lora_grads(xla, batch)))
+  for path, value in nnx.to_flat_state(_lora_grads(blockwise, batch)):
+    want = np.asarray(expected[path][...])
+    np.testing.assert_allclose(value[...], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

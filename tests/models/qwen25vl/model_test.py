@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec
 from safetensors.torch import load_file, save_file
 
 from spatial_jax import hf, lora, sharding
+from spatial_jax.models import attention
 from spatial_jax.models.qwen25vl import (
   DEFAULT_LORA_TARGETS,
   Qwen25VLConfig,
@@ -241,3 +242,17 @@ def test_initializer_range_sets_the_init_std_and_is_read_from_hf():
     ("lm_head", model.lm_head.kernel, 0.1),
   ]:
     np.testing.assert_allclose(float(param[...].std()), want, rtol=0.1, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_attention_implementations_give_the_eager_logits(saved, implementation, monkeypatch):
+  # Tiles of 8 x 8 tokens: the padded text sequence and the vision windows span several.
+  monkeypatch.setattr(attention, "BLOCK_Q", 8)
+  monkeypatch.setattr(attention, "BLOCK_K", 8)
+  _, folder = saved("merge2")
+  ids, mask, pixels, grid = _batch("merge2", "left")
+  eager = params.from_pretrained(folder)(ids, mask, pixels, grid)
+  model = params.from_pretrained(folder, attention_impl=implementation)
+  assert model.config.attention_impl == implementation
+  out = model(ids, mask, pixels, grid)
+  _assert_close_on_valid(out.logits, np.asarray(eager.logits), mask, rtol=1e-5, atol=1e-5)
