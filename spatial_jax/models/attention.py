@@ -12,7 +12,8 @@ At 1024 px FLUX's joint sequence is 512 + 4,096 tokens: XLA's attention material
 4,608^2 fp32 scores per sample and layer (2 GB), the blocks 24 x 512^2 per tile.
 
 `attention(q, k, v, implementation=...)` is the one entry point of the models:
-  None / "xla"   XLA's dot-product attention (the reference path);
+  None           `einsum_attention`: XLA einsums on a heads-major layout, fp32 softmax;
+  "xla"          `jax.nn.dot_product_attention`'s XLA path (the reference);
   "cudnn"        cuDNN's fused flash attention (NVIDIA GPUs, through jax.nn.dot_product_attention);
   "blockwise"    this module's pure-JAX blockwise attention (any backend, any mask);
   "tpu_flash"    the Pallas TPU flash-attention kernel (TPUs; key-padding masks only).
@@ -227,18 +228,68 @@ def blockwise_attention(
   qg = _pad_to(q.reshape(b, t, nk, n // nk, h), 1, block_q)
   kp, vp = _pad_to(k, 1, block_k), _pad_to(v, 1, block_k)
   if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    heads = mask.shape[1]
-    # (B|1, N|1, T|1, S) -> (B|1, K|1, G|1, T|1, S), padded along T and S like q and k.
-    mask = mask.reshape(
-      mask.shape[0], nk if heads == n else 1, n // nk if heads == n else 1, *mask.shape[2:]
-    )
+    # (B|1, K|1, G|1, T|1, S), padded along T and S like q and k.
+    mask = _grouped_mask(mask, n, nk)
     if mask.shape[-2] != 1:
       mask = _pad_to(mask, 3, block_q)
     mask = _pad_to(mask, 4, block_k)
   out = _blockwise(qg, kp, vp, mask, scale, bool(is_causal), block_q, block_k, s)
   return out[:, :t].reshape(b, t, n, h)
+
+
+def _grouped_mask(mask, n, nk):
+  """A mask broadcastable to (B, N, T, S) as (B|1, K|1, G|1, T|1, S) for N = K * G heads."""
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  grouped = mask.shape[1] == n
+  return mask.reshape(
+    mask.shape[0], nk if grouped else 1, n // nk if grouped else 1, *mask.shape[2:]
+  )
+
+
+def einsum_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  is_causal: bool = False,
+  scale: float | None = None,
+) -> jax.Array:
+  """softmax(q k^T * scale) v with the whole score matrix, on (B, T, N, H) / (B, S, K, H) arrays
+  (grouped-query when K < N).
+
+  The einsums run on a heads-major layout, (B, K, G * T, H), so that each is a plain batched
+  matmul: with the heads in the middle (`jax.nn.dot_product_attention`'s layout), or a separate
+  group axis, XLA's CPU backend transposes around the dots, and the forward + backward of FLUX's
+  attention takes 2.4x as long (benchmarks/attention.py). Logits and softmax are fp32, the
+  probabilities are cast to v's dtype for the second einsum (transformers' eager path). A masked
+  key gets the fp32 minimum, so a row with every key masked averages them, as the eager path does.
+  """
+  b, t, n, h = q.shape
+  nk = k.shape[2]
+  if n % nk:
+    raise ValueError(f"einsum_attention: {n} query heads are not a multiple of {nk} key heads")
+  g = n // nk
+  scale = h**-0.5 if scale is None else float(scale)
+  # Query head i reads key head i // G: the G heads of a key head stack along the rows.
+  qt = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkth,bksh->bkts", qt, kt, preferred_element_type=jnp.float32) * scale
+  allowed = None
+  if mask is not None:
+    allowed = _grouped_mask(mask, n, nk)  # (B|1, K|1, G|1, T|1, S)
+    if allowed.shape[2] != 1 or allowed.shape[3] != 1:
+      allowed = jnp.broadcast_to(allowed, (*allowed.shape[:2], g, t, allowed.shape[-1]))
+    allowed = allowed.reshape(*allowed.shape[:2], -1, allowed.shape[-1])
+  if is_causal:
+    causal = jnp.tile(jnp.tril(jnp.ones((t, k.shape[1]), bool)), (g, 1))
+    allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkts,bksh->bkth", probs, vt).reshape(b, nk, g, t, h)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _tpu_flash(q, k, v, mask, is_causal, scale):
@@ -301,6 +352,8 @@ def attention(
     )
   if implementation == "tpu_flash":
     return _tpu_flash(q, k, v, mask, is_causal, scale)
+  if implementation is None:
+    return einsum_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
   return jax.nn.dot_product_attention(
     q,
     k,

@@ -29,6 +29,7 @@ CASES = {
   "cross, uneven": (1, 50, 23, 4, 4, 8, 16, 8, False, "keys"),
   "grouped, causal": (2, 64, 64, 4, 1, 16, 16, 32, True, None),
   "full mask": (2, 24, 40, 2, 2, 8, 8, 16, False, "full"),
+  "grouped, full mask": (1, 20, 20, 4, 2, 8, 8, 8, True, "full"),
 }
 
 
@@ -60,6 +61,32 @@ def test_values_and_gradients_match_xla(case):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   for name, got, want in zip("qkv", grads, ref_grads, strict=True):
     assert got.shape == want.shape, name
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_default_einsum_path_matches_xla(case):
+  b, t, s, n, nk, h, _, _, causal, mask_kind = CASES[case]
+  rng = np.random.default_rng(len(case) + 7)
+  q, k, v = _qkv(rng, b, t, s, n, nk, h)
+  mask = None
+  if mask_kind:
+    keep = rng.random((b, n if mask_kind == "full" else 1, t if mask_kind == "full" else 1, s))
+    keep = keep > 0.4
+    keep[..., 0] = True
+    mask = jnp.asarray(keep)
+  weights = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+
+  def ours(q, k, v):
+    return A.attention(q, k, v, mask=mask, is_causal=causal)  # implementation None
+
+  def xla(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+  out, grads = _values_and_grads(jax.jit(ours), q, k, v, weights)
+  ref, ref_grads = _values_and_grads(xla, q, k, v, weights)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for name, got, want in zip("qkv", grads, ref_grads, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5, err_msg=f"d{name}")
 
 
