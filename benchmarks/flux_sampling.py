@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "diffusion"))
 import tiny_flux_pipeline as tiny  # noqa: E402
-from timing import median_time  # noqa: E402  (benchmarks/)
+from timing import compare, environment, warn_if_busy  # noqa: E402  (benchmarks/)
 
 from spatial_jax.diffusion import FluxPipeline  # noqa: E402
 
@@ -108,9 +108,10 @@ def main():
   parser.add_argument("--size", type=int, default=256, help="image height and width")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--text", type=int, default=64, help="T5 tokens (max_sequence_length)")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
+  warn_if_busy()
 
   reference = small_pipeline()
   with tempfile.TemporaryDirectory() as folder:
@@ -137,20 +138,18 @@ def main():
       ).images
 
   diff = float(np.abs(run_ours() - run_diffusers()).max())
-  t_ours = median_time(run_ours, args.repeats)
-  t_diffusers = median_time(run_diffusers, args.repeats)
+  times = compare(run_ours, run_diffusers, args.repeats)
   result = dict(
     image=args.size,
     batch=len(PROMPTS),
     steps=args.steps,
     text_tokens=args.text,
+    repeats=args.repeats,
     jax_device=str(jax.devices()[0].device_kind),
-    torch_threads=torch.get_num_threads(),
-    ours_s=round(t_ours, 3),
-    diffusers_s=round(t_diffusers, 3),
-    ours_images_per_s=round(len(PROMPTS) / t_ours, 3),
-    diffusers_images_per_s=round(len(PROMPTS) / t_diffusers, 3),
-    ratio=round(t_ours / t_diffusers, 3),
+    environment=environment(torch),
+    sampling=times,
+    ours_images_per_s=round(len(PROMPTS) / times["ours_s"]["median"], 3),
+    diffusers_images_per_s=round(len(PROMPTS) / times["reference_s"]["median"], 3),
     max_abs_pixel_diff=diff,
     date=time.strftime("%Y-%m-%d"),
     host=f"{platform.node()} ({os.cpu_count()} cpus)",

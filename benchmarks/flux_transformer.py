@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from flax import nnx
-from timing import median_time
+from timing import compare, environment, warn_if_busy
 
 from spatial_jax import lora
 from spatial_jax.models.flux import FluxConfig, params
@@ -69,12 +69,15 @@ def main():
   parser.add_argument("--grid", type=int, nargs=2, default=(16, 32), help="latent tokens h w")
   parser.add_argument("--text", type=int, default=64, help="text tokens")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  parser.add_argument("--attention", default=None, help="ours: None (XLA) or cudnn")
+  parser.add_argument(
+    "--attention", default=None, help="ours: None (XLA), cudnn, blockwise or tpu_flash"
+  )
   parser.add_argument("--remat", default="none", help="ours: a FluxConfig.remat policy")
   parser.add_argument("--rank", type=int, default=params.DEFAULT_LORA_RANK)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
+  warn_if_busy()
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -147,10 +150,8 @@ def main():
 
   expected = torch_forward().float().cpu().numpy()
   diff = float(np.abs(np.asarray(ours_forward(), np.float32) - expected).max())
-  t_ours_f = median_time(ours_forward, args.repeats)
-  t_torch_f = median_time(torch_forward, args.repeats)
-  t_ours_b = median_time(ours_backward, args.repeats)
-  t_torch_b = median_time(torch_backward, args.repeats)
+  forward_times = compare(ours_forward, torch_forward, args.repeats)
+  backward_times = compare(ours_backward, torch_backward, args.repeats)
   result = dict(
     size=args.size,
     batch=args.batch,
@@ -160,17 +161,14 @@ def main():
     lora_rank=args.rank,
     remat=args.remat,
     attention=args.attention or "xla",
+    repeats=args.repeats,
     jax_device=str(jax.devices()[0].device_kind),
     torch_device=torch.cuda.get_device_name()
     if device == "cuda"
     else platform.processor() or "cpu",
-    torch_threads=torch.get_num_threads(),
-    ours_forward_s=round(t_ours_f, 4),
-    torch_forward_s=round(t_torch_f, 4),
-    forward_ratio=round(t_ours_f / t_torch_f, 3),
-    ours_fwd_bwd_s=round(t_ours_b, 4),
-    torch_fwd_bwd_s=round(t_torch_b, 4),
-    fwd_bwd_ratio=round(t_ours_b / t_torch_b, 3),
+    environment=environment(torch),
+    forward=forward_times,
+    fwd_bwd=backward_times,
     max_abs_output_diff=diff,
     output_scale=float(np.abs(expected).max()),
     date=time.strftime("%Y-%m-%d"),

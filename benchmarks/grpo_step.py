@@ -45,6 +45,18 @@ def flux_sft_generator() -> dict:
   )
 
 
+def jitted_policy(config):
+  """One device's mesh and rules, the policy of `config` (a random generator of its
+  architecture), its (graphdef, trainable, frozen) split, optimizer and jitted GRPO phases."""
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  rules = sharding.resolve_rules(None)
+  pol = text_to_image.load_text_to_image(config, mesh, rules)
+  split = nnx.split(pol.transformer, nnx.LoRAParam, ...)
+  tx = steps.make_optimizer(config)
+  phases = loop.jit_phases(*split, pol, tx, config, mesh, rules)
+  return mesh, rules, pol, split, tx, phases
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--prompts", type=int, default=1, help="P prompts per step")
@@ -62,12 +74,7 @@ def main() -> None:
     prompts_per_step=args.prompts, group_size=args.group, sde_window=(0, args.steps - 1)
   )
   config.train.num_minibatches = 1
-  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
-  rules = sharding.resolve_rules(None)
-  pol = text_to_image.load_text_to_image(config, mesh, rules)
-  graphdef, trainable, frozen = nnx.split(pol.transformer, nnx.LoRAParam, ...)
-  tx = steps.make_optimizer(config)
-  phases = loop.jit_phases(graphdef, trainable, frozen, pol, tx, config, mesh, rules)
+  mesh, rules, pol, (graphdef, trainable, frozen), tx, phases = jitted_policy(config)
 
   prompts = ["a red circle left of a blue square above a green star"] * args.prompts
   with sharding.use_mesh(mesh, rules):

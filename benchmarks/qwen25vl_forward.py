@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
-from timing import median_time
+from timing import compare, environment, warn_if_busy
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from spatial_jax.models.qwen25vl import params, prepare_inputs
@@ -105,9 +105,10 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--image", type=int, default=448)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
+  warn_if_busy()
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -151,24 +152,21 @@ def main():
     return jax.block_until_ready(forward(state, x))
 
   diff = float(np.abs(np.asarray(run_ours(), np.float32) - run_torch().float().cpu().numpy()).max())
-  t_ours = median_time(run_ours, args.repeats)
-  t_prep = median_time(run_ours_with_prep, args.repeats)
-  t_torch = median_time(run_torch, args.repeats)
+  times = compare(run_ours, run_torch, args.repeats)
+  times_with_prep = compare(run_ours_with_prep, run_torch, args.repeats)
   result = dict(
     size=args.size,
     batch=args.batch,
     image=args.image,
     dtype=args.dtype,
+    repeats=args.repeats,
     jax_device=str(jax.devices()[0].device_kind),
     torch_device=torch.cuda.get_device_name()
     if device == "cuda"
     else platform.processor() or "cpu",
-    torch_threads=torch.get_num_threads(),
-    ours_s=round(t_ours, 4),
-    ours_with_host_prep_s=round(t_prep, 4),
-    torch_s=round(t_torch, 4),
-    ratio=round(t_ours / t_torch, 3),
-    ratio_with_host_prep=round(t_prep / t_torch, 3),
+    environment=environment(torch),
+    forward=times,
+    forward_with_host_prep=times_with_prep,
     max_abs_logit_diff=diff,
     date=time.strftime("%Y-%m-%d"),
     host=f"{platform.node()} ({os.cpu_count()} cpus)",
