@@ -25,6 +25,11 @@ an interrupted save leaves only a tmp dir that `latest_step()` ignores; older st
 after a newer one is finalized. Tmp dirs are not cleaned up on start (orbax's
 `cleanup_tmp_directories`), because an evaluator opening a trainer's workdir would then delete the
 trainer's save in flight; a leftover tmp dir is ignored and a re-save of its step uses a new name.
+
+Once a step is on disk (at the next save, `wait_until_finished` or `close`), process 0 records the
+SHA-256 of its files in `<step>/checksums.sha256` (local directories); a restore checks them
+first, so a checkpoint whose bytes changed afterwards (a flipped bit, a file cut short) is
+damaged, and a resume falls back to the step before it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from spatial_jax import fileio
 
 # Items of one checkpoint (orbax "Composite" item names).
 _ARRAY_ITEMS = ("params", "opt_state", "rng")
@@ -167,6 +174,7 @@ class Checkpointer:
     )
     self._closed = False
     self._damaged: set[int] = set()  # Steps a resume found unreadable; a save replaces them.
+    self._checksummed: set[int] = set()  # Steps whose checksums are recorded.
 
   @property
   def directory(self) -> epath.Path:
@@ -203,6 +211,7 @@ class Checkpointer:
       logging.warning("Replacing the damaged checkpoint %s", self.directory / str(step))
       self._manager.delete(step)
       self._damaged.discard(step)
+      self._checksummed.discard(step)
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists; not saving again.", step)
       return False
@@ -231,6 +240,10 @@ class Checkpointer:
       _PROVENANCE: self._metadata,
       _FORMAT: {"version": _FORMAT_VERSION, "items": sorted(items), "rng_impl": rng_impl},
     }
+    if force or self._manager.should_save(step):
+      # orbax waits for the previous save before it starts the next one anyway; waiting here
+      # first lets its checksums be recorded.
+      self.wait_until_finished()
     saved = self._manager.save(
       step, args=ocp.args.Composite(**items), force=force, custom_metadata=custom_metadata
     )
@@ -309,6 +322,7 @@ class Checkpointer:
 
   def _restore_step(self, step, params, opt_state, data_iter, rng) -> Restored:
     """`restore` of one existing step."""
+    self.verify(step)
     step_meta = self._step_metadata(step)
     fmt = step_meta.get(_FORMAT, {})
     provenance = dict(step_meta.get(_PROVENANCE, {}))
@@ -364,14 +378,49 @@ class Checkpointer:
     )
 
   def wait_until_finished(self) -> None:
-    """Blocks until pending async saves are on disk (re-raising their errors)."""
+    """Blocks until pending async saves are on disk (re-raising their errors), then records the
+    checksums of the steps that have none yet."""
     self._manager.wait_until_finished()
+    self._record_checksums()
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's threads. Idempotent."""
     if not self._closed:
       self._closed = True
-      self._manager.close()
+      try:
+        self._manager.wait_until_finished()
+        self._record_checksums()
+      finally:
+        self._manager.close()
+
+  def _local_step_dir(self, step: int) -> str | None:
+    directory = os.fspath(self.directory)
+    return None if "://" in directory else os.path.join(directory, str(step))
+
+  def _record_checksums(self) -> None:
+    """`checksums.sha256` in every finalized step that lacks one (process 0, local paths)."""
+    if jax.process_index() != 0:
+      return
+    for step in self._manager.all_steps():
+      folder = self._local_step_dir(step)
+      if folder and os.path.isdir(folder) and step not in self._checksummed:
+        if not os.path.exists(os.path.join(folder, fileio.CHECKSUMS_FILE)):
+          fileio.write_checksums(folder)
+        self._checksummed.add(step)
+
+  def verify(self, step: int) -> None:
+    """Checks step's files against its `checksums.sha256` (a step without one passes).
+
+    Raises:
+      DamagedCheckpointError: naming the file that is missing or changed.
+    """
+    folder = self._local_step_dir(step)
+    if folder is None:
+      return
+    try:
+      fileio.verify_checksums(folder, f"checkpoint {folder}")
+    except ValueError as e:
+      raise DamagedCheckpointError(str(e)) from None
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -276,6 +276,32 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_can_be_read(tmp_path, c
       ckpt.restore(params=_lora_state(0))
 
 
+def test_checksums_catch_a_checkpoint_whose_bytes_changed(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, params=_lora_state(step))
+  steps = tmp_path / "checkpoints"
+  for step in (1, 2):
+    assert (steps / str(step) / "checksums.sha256").is_file()
+  # One flipped bit in the largest file of step 2's params: a file that still reads.
+  victim = max((p for p in (steps / "2" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)  # fmt: skip
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  victim.write_bytes(bytes(data))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=victim.name):
+      ckpt.restore(2, params=_lora_state(0))
+    restored = ckpt.restore(params=_lora_state(0))
+    assert restored.step == 1
+    _assert_trees_equal(restored.params, _lora_state(1))
+    assert "checkpoints/2 cannot be read" in caplog.text
+    # The resumed run's save of step 2 replaces it, with checksums of its own.
+    assert ckpt.save(2, params=_lora_state(22))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    _assert_trees_equal(ckpt.restore(params=_lora_state(0)).params, _lora_state(22))
+
+
 def test_resume_does_not_skip_a_checkpoint_that_does_not_fit(tmp_path):
   with checkpoint.Checkpointer(tmp_path, max_to_keep=None) as ckpt:
     for step in (1, 2):
