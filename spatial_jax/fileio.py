@@ -27,8 +27,11 @@ _LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-  """Yields a binary file; on success it replaces `path`, on error `path` is untouched."""
+def atomic_writer(path: str | os.PathLike[str], *, sync: bool = True) -> Iterator[BinaryIO]:
+  """Yields a binary file; on success it replaces `path`, on error `path` is untouched.
+
+  `sync=False` skips the fsync before the rename: the file is whole or absent for any reader, but
+  may be lost in a power cut until something syncs it (a caller that batches durability)."""
   path = os.fspath(path)
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
@@ -38,7 +41,8 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     with os.fdopen(fd, "wb") as f:
       yield f
       f.flush()
-      os.fsync(f.fileno())
+      if sync:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -46,15 +50,16 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     raise
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-  """Writes `data` to `path` atomically (object stores such as gs:// write whole objects)."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> None:
+  """Writes `data` to `path` atomically (object stores such as gs:// write whole objects);
+  `sync` as in `atomic_writer`."""
   path = os.fspath(path)
   if "://" in path:  # No rename on object stores, but each object write is atomic.
     from etils import epath
 
     epath.Path(path).write_bytes(data)
     return
-  with atomic_writer(path) as f:
+  with atomic_writer(path, sync=sync) as f:
     f.write(data)
 
 

@@ -16,12 +16,14 @@ def _image(rng, h=8, w=8):
   return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _write(folder, n, *, seed=0, start=0, **fields):
+def _write(folder, n, *, seed=0, start=0, sync_every=1, skip_existing=False, **fields):
   rng = np.random.default_rng(seed)
   images = {}
-  with pairs.PairsWriter(folder) as writer:
+  with pairs.PairsWriter(folder, sync_every=sync_every) as writer:
     for i in range(start, start + n):
       chosen, rejected = _image(rng), _image(rng)
+      if skip_existing and writer.has(f"p{i}"):
+        continue
       writer.add(
         id=f"p{i}",
         prompt=f"a red cube left of a blue ball {i}",
@@ -188,10 +190,10 @@ def test_crash_between_images_and_line_leaves_no_row(tmp_path, monkeypatch):
   _write(tmp_path, 2)
   write_atomic = fileio.write_atomic
 
-  def crash_on_rejected(path, data):
+  def crash_on_rejected(path, data, **kwargs):
     if path.endswith("_rejected.png"):
       raise KeyboardInterrupt  # The job dies after the chosen image, before its line.
-    write_atomic(path, data)
+    write_atomic(path, data, **kwargs)
 
   monkeypatch.setattr(fileio, "write_atomic", crash_on_rejected)
   with pytest.raises(KeyboardInterrupt):
@@ -203,6 +205,41 @@ def test_crash_between_images_and_line_leaves_no_row(tmp_path, monkeypatch):
   _write(tmp_path, 1, start=2)  # The rerun redoes p2 over its orphan image.
   assert [r.id for r in pairs.read_pairs(tmp_path)] == ["p0", "p1", "p2"]
   assert sorted(p.name for p in (tmp_path / "images").glob("*tmp*")) == ["user.tmp-1.png"]
+
+
+_KILLED_BATCH_WRITER = """
+import os, sys
+import numpy as np
+from spatial_jax.data import pairs
+rng = np.random.default_rng(0)
+writer = pairs.PairsWriter(sys.argv[1], sync_every=3)
+for i in range(5):
+  writer.add(id=f"p{i}", prompt=f"a red cube left of a blue ball {i}",
+             perturbed_prompt=f"a red cube right of a blue ball {i}",
+             relation_changed="left of -> right of",
+             chosen_image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+             rejected_image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+os._exit(0)  # Dies with p3, p4 written but not listed: no close, as after kill -9.
+"""
+
+
+def test_batched_durability_loses_only_the_unsynced_pairs(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  batched, single = tmp_path / "batched", tmp_path / "single"
+  subprocess.run([sys.executable, "-c", _KILLED_BATCH_WRITER, str(batched)], check=True)
+  # The first batch of 3 is listed; p3 and p4 have images but no line.
+  assert [r.id for r in pairs.read_pairs(batched)] == ["p0", "p1", "p2"]
+  assert (batched / "images" / "p4_chosen.png").exists()
+  # The rerun writes p3 and p4 again; the folder is then byte for byte the unbatched one.
+  _write(batched, 5, sync_every=3, skip_existing=True)
+  _write(single, 5)
+  assert _lines(batched) == _lines(single)
+  for name in os.listdir(single / "images"):
+    assert (batched / "images" / name).read_bytes() == (single / "images" / name).read_bytes()
+  with pytest.raises(ValueError, match="sync_every"):
+    pairs.PairsWriter(tmp_path / "x", sync_every=0)
 
 
 def test_one_writer_per_folder(tmp_path):
