@@ -139,3 +139,62 @@ def test_a_failed_job_ends_with_its_cause_on_the_last_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("FATAL reward_eval failed: ValueError: ") and str(missing) in last
   assert "Traceback" in result.stderr  # The whole story is in the log, above the cause.
+
+
+# `python -m spatial_jax.main` whose files cannot grow beyond argv[1] bytes: writes past it fail
+# with EFBIG, as they fail with ENOSPC on a full disk (SIGXFSZ ignored, so the write returns the
+# error instead of killing the process). Set in the child itself: no fork of this threaded process.
+_SIZE_LIMITED_MAIN = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+runpy.run_module("spatial_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _tree_digest(folder):
+  import hashlib  # noqa: PLC0415
+
+  digest = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return digest
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_ends_clearly_and_resumes(tmp_path):
+  workdir = tmp_path / "reward"
+  args = ("--config=configs/reward_synthetic.py:smoke", f"--workdir={workdir}")
+  first = _main(*args, "--config.train.steps=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  step2 = _tree_digest(workdir / "checkpoints" / "2")
+  pairs_before = _tree_digest(workdir / "pairs")
+  # The next checkpoint's arrays cannot be written: the run stops with the cause on its last
+  # line, and what was written before (step 2, the pairs) is unchanged.
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  full = subprocess.run(
+    [sys.executable, "-c", _SIZE_LIMITED_MAIN, str(64 * 1024), *args, "--config.train.steps=4"],
+    cwd=_ROOT, env=env, capture_output=True, text=True, timeout=240,
+  )  # fmt: skip
+  assert full.returncode != 0
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith("FATAL reward_train failed: "), full.stderr[-3000:]
+  assert "File too large" in last or "No space left" in last, last
+  assert _tree_digest(workdir / "checkpoints" / "2") == step2
+  assert _tree_digest(workdir / "pairs") == pairs_before
+  # With room again the same command resumes from step 2 and ends as a lone 4-step run.
+  resumed = _main(*args, "--config.train.steps=4")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "Resumed from step 2" in resumed.stderr
+  lone = _main("--config=configs/reward_synthetic.py:smoke", f"--workdir={tmp_path / 'lone'}",
+               "--config.train.steps=4")  # fmt: skip
+  assert lone.returncode == 0
+  ours, theirs = (
+    json.loads((w / "summary.json").read_text()) for w in (workdir, tmp_path / "lone")
+  )
+  assert ours["step"] == theirs["step"] == 4
+  assert ours["eval"] == theirs["eval"]
