@@ -167,4 +167,7 @@ def get_config(arg=None):
   config.headroom = 0.9
   # Stop at the first row that fails to compile (tests); otherwise it is reported as a row.
   config.fail_fast = False
+  # > 0: also list each row's N largest per-device arrays and the ops that make them (plan.json
+  # and the log), to find what a larger mesh does not split.
+  config.largest_arrays = 0
   return config

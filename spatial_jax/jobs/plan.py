@@ -418,7 +418,38 @@ def experiment_config(row: Any):
   return config
 
 
-def measure(row: Any, headroom: float = 0.9) -> dict[str, Any]:
+_HLO_ARRAY = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}  # fmt: skip
+
+
+def largest_arrays(hlo_text: str, count: int) -> list[dict[str, Any]]:
+  """The `count` largest per-device arrays an optimized (partitioned) HLO module defines, with
+  the op that makes each (its jax op_name): where to look when a step's temporaries do not shrink
+  with more devices. Several instructions may share a buffer, so this is a list to read, not a
+  sum to trust."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _HLO_ARRAY.match(line)
+    if not match or match.group(2) not in _DTYPE_BYTES:
+      continue
+    dims = [int(d) for d in match.group(3).split(",") if d]
+    nbytes = int(np.prod(dims, dtype=np.int64)) * _DTYPE_BYTES[match.group(2)]
+    op = _OP_NAME.search(line)
+    found.append(dict(gb=nbytes / GB, shape=f"{match.group(2)}{dims}",
+                      op=op.group(1) if op else match.group(1)))  # fmt: skip
+  found.sort(key=lambda a: -a["gb"])
+  unique, seen = [], set()
+  for array in found:  # One entry per (shape, op): fusions repeat them.
+    key = (array["shape"], array["op"])
+    if key not in seen:
+      seen.add(key)
+      unique.append(array)
+  return unique[:count]
+
+
+def measure(row: Any, headroom: float = 0.9, largest: int = 0) -> dict[str, Any]:
   """Lowers and compiles one row's step; returns its memory, FLOPs and timings."""
   programs = {"reward_train", "grpo_rollout", "grpo_train", "grpo_resident"}
   if row.step not in programs:
@@ -469,6 +500,8 @@ def measure(row: Any, headroom: float = 0.9) -> dict[str, Any]:
     lower_s=round(lowered_at - start, 1),
     compile_s=round(compiled_at - lowered_at, 1),
   )
+  if largest:
+    result["largest_arrays"] = largest_arrays(compiled.as_text(), largest)
   result["fits"] = {
     name: (total / GB <= capacity * headroom if chips == row.devices else None)
     for name, chips, capacity in TARGETS
@@ -512,7 +545,7 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   for row in [ml_collections.ConfigDict(dict(r)) for r in config.rows]:
     logging.info("plan: %s (%s on %d devices)", row.name, row.step, row.devices)
     try:
-      results.append(measure(row, config.headroom))
+      results.append(measure(row, config.headroom, config.get("largest_arrays", 0)))
     except Exception as e:  # noqa: BLE001  A row that cannot compile is a finding, not a crash.
       if config.fail_fast:
         raise
