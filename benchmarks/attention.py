@@ -1,8 +1,7 @@
 """Attention alone: forward, and backward timed on its own, ours vs PyTorch's SDPA, same run.
 
-Ours: `spatial_jax.models.attention.attention` with the default implementation (heads-major
-einsums, what the models run), `jax.nn.dot_product_attention`'s XLA path and the blockwise one,
-jitted. PyTorch: `torch.nn.functional.scaled_dot_product_attention`
+Ours: `spatial_jax.models.attention.attention` with the default implementation
+(`jax.nn.dot_product_attention`, XLA), "einsum" (heads-major einsums) and "blockwise", jitted. PyTorch: `torch.nn.functional.scaled_dot_product_attention`
 (eager; its CPU kernel is a fused flash-style one). The default shape is the FLUX transformer
 benchmark's joint attention (batch 2, 3 heads x 128, 64 text + 512 image tokens), the part of
 that benchmark's backward that no other benchmark isolates.
@@ -41,7 +40,7 @@ def main():
   parser.add_argument("--seq", type=int, default=576)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument(
-    "--impls", nargs="+", default=["default", "xla", "blockwise"], help="default: None"
+    "--impls", nargs="+", default=["default", "einsum", "blockwise"], help="default: None"
   )
   args = parser.parse_args()
   warn_if_busy()

@@ -108,6 +108,7 @@ def main():
   parser.add_argument("--size", type=int, default=256, help="image height and width")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--text", type=int, default=64, help="T5 tokens (max_sequence_length)")
+  parser.add_argument("--attention", default=None, help="ours: the transformer's attention_impl")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
@@ -116,7 +117,9 @@ def main():
   reference = small_pipeline()
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
-    ours = FluxPipeline.from_pretrained(folder, max_sequence_length=args.text)
+    ours = FluxPipeline.from_pretrained(
+      folder, max_sequence_length=args.text, attention_impl=args.attention
+    )
 
   latent = args.size // 8
   rng = np.random.default_rng(0)
@@ -144,6 +147,7 @@ def main():
     batch=len(PROMPTS),
     steps=args.steps,
     text_tokens=args.text,
+    attention=args.attention or "xla",
     repeats=args.repeats,
     jax_device=str(jax.devices()[0].device_kind),
     environment=environment(torch),

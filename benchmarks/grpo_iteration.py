@@ -177,6 +177,7 @@ def main() -> None:
   parser.add_argument("--topk", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10, help="sampling steps")
   parser.add_argument("--window", type=int, nargs=2, default=(0, 4), help="SDE steps [a, b)")
+  parser.add_argument("--attention", default="", help="ours: model.attention_impl (''; XLA)")
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args()
   warn_if_busy()
@@ -184,6 +185,7 @@ def main() -> None:
 
   config = load_config("configs/grpo_synthetic.py")
   config.model.tiny = flux_sft_generator()
+  config.model.attention_impl = args.attention
   config.sampling.update(num_steps=args.steps, cfg_scale=1.0)
   config.grpo.update(
     prompts_per_step=args.prompts,
@@ -267,6 +269,7 @@ def main() -> None:
     trained_timesteps=len(timesteps),
     lora=dict(rank=config.lora.rank, targets=targets),
     adapted_modules_pytorch=len(ref.params) // 2,
+    attention=args.attention or "xla",
     repeats=args.repeats,
     environment=environment(torch),
     date=time.strftime("%Y-%m-%d"),

@@ -105,6 +105,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--image", type=int, default=448)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--attention", default=None, help="ours: attention_impl (None: eager)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", help="append the result as one JSON line to this file")
   args = parser.parse_args()
@@ -119,7 +120,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
-    ours = params.from_pretrained(folder, dtype=args.dtype)
+    ours = params.from_pretrained(folder, dtype=args.dtype, attention_impl=args.attention)
   reference = reference.to(device)
 
   t_ids, t_mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
@@ -159,6 +160,7 @@ def main():
     batch=args.batch,
     image=args.image,
     dtype=args.dtype,
+    attention=args.attention or "eager",
     repeats=args.repeats,
     jax_device=str(jax.devices()[0].device_kind),
     torch_device=torch.cuda.get_device_name()

@@ -191,6 +191,7 @@ class FluxPipeline:
     mesh: Mesh | None = None,
     sharding_rules: Any = None,
     max_sequence_length: int = 512,
+    attention_impl: str | None = None,
   ) -> FluxPipeline:
     """Reads a diffusers FluxPipeline folder (e.g. a FLUX.1-dev snapshot).
 
@@ -200,6 +201,7 @@ class FluxPipeline:
       mesh: place every weight sharded on this mesh as it is read, and run under it.
       sharding_rules: logical -> mesh rule overrides (`sharding.resolve_rules`).
       max_sequence_length: T5's padded prompt length.
+      attention_impl: the transformer's attention (`models/attention.py`; None: XLA's).
 
     Raises:
       FileNotFoundError: no model_index.json, or a missing sub-folder (named).
@@ -232,7 +234,9 @@ class FluxPipeline:
 
     models = dict(dtype=dtype, mesh=mesh, sharding_rules=sharding_rules)
     return cls(
-      transformer=flux_params.from_pretrained(path("transformer"), **models),
+      transformer=flux_params.from_pretrained(
+        path("transformer"), **models, attention_impl=attention_impl
+      ),
       vae=vae_params.from_pretrained(path("vae"), **models),
       text_encoder=clip_params.from_pretrained(path("text_encoder"), **models),
       tokenizer=AutoTokenizer.from_pretrained(path("tokenizer")),

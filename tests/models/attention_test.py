@@ -65,7 +65,7 @@ def test_values_and_gradients_match_xla(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_the_default_einsum_path_matches_xla(case):
+def test_the_einsum_path_matches_xla(case):
   b, t, s, n, nk, h, _, _, causal, mask_kind = CASES[case]
   rng = np.random.default_rng(len(case) + 7)
   q, k, v = _qkv(rng, b, t, s, n, nk, h)
@@ -78,7 +78,7 @@ def test_the_default_einsum_path_matches_xla(case):
   weights = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
 
   def ours(q, k, v):
-    return A.attention(q, k, v, mask=mask, is_causal=causal)  # implementation None
+    return A.attention(q, k, v, mask=mask, is_causal=causal, implementation="einsum")
 
   def xla(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)

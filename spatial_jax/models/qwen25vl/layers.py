@@ -89,14 +89,29 @@ def attention(
 ) -> jax.Array:
   """Scaled dot-product attention on (B, T, N, H) arrays; GQA when k/v have fewer heads.
 
-  With no `implementation` (`models/attention.einsum_attention`) the softmax runs in fp32
-  whatever the input dtype, as transformers' eager path does; the others ("xla", "cudnn",
-  "blockwise", "tpu_flash") are `models/attention.py`'s too.
+  With no `implementation` the softmax runs in fp32 whatever the input dtype, as transformers'
+  eager path does; the others ("xla", "einsum", "cudnn", "blockwise", "tpu_flash") are
+  `models/attention.py`'s ("einsum" is this computation on a layout XLA's CPU backend runs
+  faster).
   """
-  return shared_attention.attention(
-    q, k, v, mask=mask, is_causal=is_causal, scale=q.shape[-1] ** -0.5,
-    implementation=implementation,
-  )  # fmt: skip
+  scale = q.shape[-1] ** -0.5
+  if implementation is not None:
+    return shared_attention.attention(
+      q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
+    )
+  groups = q.shape[2] // k.shape[2]
+  if groups > 1:
+    k = jnp.repeat(k, groups, axis=2)
+    v = jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+  if is_causal:
+    t, s = logits.shape[-2:]
+    causal = jnp.tril(jnp.ones((t, s), dtype=bool))
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
 def heads_split(x: jax.Array, num_heads: int) -> jax.Array:

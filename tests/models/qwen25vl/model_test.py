@@ -244,7 +244,7 @@ def test_initializer_range_sets_the_init_std_and_is_read_from_hf():
     np.testing.assert_allclose(float(param[...].std()), want, rtol=0.1, err_msg=name)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+@pytest.mark.parametrize("implementation", ["xla", "einsum", "blockwise"])
 def test_attention_implementations_give_the_eager_logits(saved, implementation, monkeypatch):
   # Tiles of 8 x 8 tokens: the padded text sequence and the vision windows span several.
   monkeypatch.setattr(attention, "BLOCK_Q", 8)
