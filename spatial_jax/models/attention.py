@@ -44,16 +44,16 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _tile_logits(q_blk, k_blk, mask_blk, q_pos, k_pos, num_keys, scale, is_causal):
-  """Masked fp32 logits of one tile, (B, K, G, bq, bk).
+def _tile_logits(q_blk, k_blk, mask, i, j, block_q, block_k, num_keys, scale, is_causal):
+  """Masked fp32 logits of tile (i, j), (B, K, G, bq, bk).
 
   A key masked by the caller gets `_MASKED` (as the eager path, so a row with every key masked
   averages them as it does); a padding key gets -inf, so it never counts.
   """
   s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-  allowed = None
-  if mask_blk is not None:
-    allowed = mask_blk
+  q_pos = i * block_q + jnp.arange(block_q)
+  k_pos = j * block_k + jnp.arange(block_k)
+  allowed = _mask_tile(mask, i, j, block_q, block_k)
   if is_causal:
     causal = q_pos[:, None] >= k_pos[None, :]
     allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
@@ -78,23 +78,12 @@ def _forward(q, k, v, mask, scale, is_causal, block_q, block_k, num_keys):
 
   def query_block(i):
     q_blk = jax.lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=1)
-    q_pos = i * block_q + jnp.arange(block_q)
 
     def key_block(carry, j):
       m, row_sum, acc = carry
       k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=1)
       v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=1)
-      k_pos = j * block_k + jnp.arange(block_k)
-      s = _tile_logits(
-        q_blk,
-        k_blk,
-        _mask_tile(mask, i, j, block_q, block_k),
-        q_pos,
-        k_pos,
-        num_keys,
-        scale,
-        is_causal,
-      )
+      s = _tile_logits(q_blk, k_blk, mask, i, j, block_q, block_k, num_keys, scale, is_causal)
       m_new = jnp.maximum(m, s.max(axis=-1))
       # Rows that have seen only padding keep m = -inf; exponents are taken from 0 there.
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -136,7 +125,6 @@ def _backward(q, k, v, mask, out, lse, d_out, scale, is_causal, block_q, block_k
   def key_block(dq, j):
     k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=1)
     v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=1)
-    k_pos = j * block_k + jnp.arange(block_k)
 
     def query_block(carry, i):
       dk_blk, dv_blk, dq = carry
@@ -144,17 +132,7 @@ def _backward(q, k, v, mask, out, lse, d_out, scale, is_causal, block_q, block_k
       do_blk = jax.lax.dynamic_slice_in_dim(d_out, i * block_q, block_q, axis=1)
       lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * block_q, block_q, axis=-1)
       delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * block_q, block_q, axis=-1)
-      q_pos = i * block_q + jnp.arange(block_q)
-      s = _tile_logits(
-        q_blk,
-        k_blk,
-        _mask_tile(mask, i, j, block_q, block_k),
-        q_pos,
-        k_pos,
-        num_keys,
-        scale,
-        is_causal,
-      )
+      s = _tile_logits(q_blk, k_blk, mask, i, j, block_q, block_k, num_keys, scale, is_causal)
       p = jnp.exp(s - lse_blk[..., None])  # (B, K, G, bq, bk)
       dv_blk = dv_blk + jnp.einsum("bkgts,btkgh->bskh", p, do_blk.astype(jnp.float32))
       dp = jnp.einsum("btkgh,bskh->bkgts", do_blk.astype(jnp.float32), v_blk.astype(jnp.float32))

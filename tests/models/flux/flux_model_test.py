@@ -140,6 +140,15 @@ def test_bf16_forward_stays_close_to_fp32(saved):
   assert error.mean() < 0.025 * np.abs(fp32).mean(), error.mean()
 
 
+def _adapted(saved, **runtime):
+  """The saved model with LoRA adapters whose B is non-zero, so they change the output."""
+  model = params.from_pretrained(saved, **runtime)
+  lora.apply_lora(model, rank=4, alpha=8, targets=params.lora_targets(True), rngs=nnx.Rngs(0))
+  for layer in lora.lora_layers(model).values():
+    layer.lora_b[...] = jnp.full(layer.lora_b.shape, 0.05)
+  return model
+
+
 def _lora_grads(model, batch):
   graphdef, trainable, rest = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -159,18 +168,11 @@ def _lora_grads(model, batch):
 def test_lora_gradients_scan_loop_and_remat_agree(saved, remat):
   batch = _batch(seed=5)
 
-  def adapted(**runtime):
-    model = params.from_pretrained(saved, **runtime)
-    lora.apply_lora(model, rank=4, alpha=8, targets=params.lora_targets(True), rngs=nnx.Rngs(0))
-    for layer in lora.lora_layers(model).values():
-      layer.lora_b[...] = jnp.full(layer.lora_b.shape, 0.05)
-    return model
-
-  scanned = adapted(scan_layers=True)
+  scanned = _adapted(saved, scan_layers=True)
   reference = _lora_grads(scanned, batch)
-  rematted = _lora_grads(adapted(scan_layers=True, remat=remat), batch)
+  rematted = _lora_grads(_adapted(saved, scan_layers=True, remat=remat), batch)
   # The looped model gets slice i of each stacked adapter in block i.
-  looped_model = adapted(scan_layers=False)
+  looped_model = _adapted(saved, scan_layers=False)
   stacked = lora.lora_layers(scanned)
   for path, layer in lora.lora_layers(looped_model).items():
     kind, index, rest = re.fullmatch(r"(\w+)\.(\d+)\.(.*)", path).groups()
@@ -215,14 +217,7 @@ def test_blockwise_attention_gives_the_xla_outputs_and_lora_gradients(saved, mon
   monkeypatch.setattr(attention, "BLOCK_K", 4)
   batch = _batch(seed=2)
 
-  def adapted(**runtime):
-    model = params.from_pretrained(saved, **runtime)
-    lora.apply_lora(model, rank=4, alpha=8, targets=params.lora_targets(True), rngs=nnx.Rngs(0))
-    for layer in lora.lora_layers(model).values():
-      layer.lora_b[...] = jnp.full(layer.lora_b.shape, 0.05)
-    return model
-
-  xla, blockwise = adapted(), adapted(attention_impl="blockwise")
+  xla, blockwise = _adapted(saved), _adapted(saved, attention_impl="blockwise")
   assert blockwise.config.attention_impl == "blockwise"
   np.testing.assert_allclose(blockwise(**batch), xla(**batch), rtol=1e-5, atol=1e-5)
   expected = dict(nnx.to_flat_state(_lora_grads(xla, batch)))
