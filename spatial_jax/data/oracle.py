@@ -47,13 +47,17 @@ class OracleResult:
   sizes: tuple[float, ...]
 
 
-def _as_rgb255(image: np.ndarray, *, batched: bool = False) -> np.ndarray:
-  image = np.asarray(image)
+def _check_rgb_shape(image: np.ndarray, batched: bool) -> None:
   if image.ndim != 3 + batched or image.shape[-1] != 3:
     raise ValueError(
       f"Expected an RGB image of shape {'(N, H, W, 3)' if batched else '(H, W, 3)'}, got shape "
       f"{image.shape}."
     )
+
+
+def _as_rgb255(image: np.ndarray, *, batched: bool = False) -> np.ndarray:
+  image = np.asarray(image)
+  _check_rgb_shape(image, batched)
   if np.issubdtype(image.dtype, np.floating):
     # Floats are taken as [0, 1] (what image models emit after denormalisation).
     return np.clip(image, 0.0, 1.0).astype(np.float32) * 255.0
@@ -65,8 +69,23 @@ def color_labels(image: np.ndarray) -> np.ndarray:
 
   `image` is (H, W, 3) or a batch (N, H, W, 3); the labels have its shape without channels.
   """
-  rgb = _as_rgb255(image, batched=np.ndim(image) == 4)
-  squared = ((rgb[..., None, :] - _PALETTE) ** 2).sum(axis=-1)  # (..., H, W, colours)
+  image = np.asarray(image)
+  batched = image.ndim == 4
+  if image.dtype != np.uint8 or image.size < 4096:
+    return _nearest_palette(_as_rgb255(image, batched=batched))
+  _check_rgb_shape(image, batched)
+  # Rendered images hold few distinct colours: each is labelled once, with the same arithmetic
+  # (so the same labels), ~3x faster on a batch of 32 px images.
+  packed = (image[..., 0].astype(np.int32) << 16) | (image[..., 1].astype(np.int32) << 8)
+  packed |= image[..., 2]
+  colours, inverse = np.unique(packed.reshape(-1), return_inverse=True)
+  rgb = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=-1)
+  return _nearest_palette(rgb.astype(np.float32))[inverse.reshape(-1)].reshape(packed.shape)
+
+
+def _nearest_palette(rgb: np.ndarray) -> np.ndarray:
+  """Labels of float32 RGB values in [0, 255] (..., 3)."""
+  squared = ((rgb[..., None, :] - _PALETTE) ** 2).sum(axis=-1)  # (..., colours)
   nearest = squared.argmin(axis=-1)
   close = squared.min(axis=-1) < COLOR_TOLERANCE**2
   return np.where(close, nearest, -1)

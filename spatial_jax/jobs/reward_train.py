@@ -144,6 +144,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   history = metrics.History.load(workdir)
   start_time = time.time()
   step = start_step
+  final = None  # The evaluation at the last step, when this run makes it.
   try:
     with sharding.use_mesh(mesh, rules):
       for step in range(start_step + 1, config.train.steps + 1):
@@ -166,8 +167,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           writer.write_scalars(step, {f"eval/{k}": v for k, v in result.scalars().items()})
           history.add(step, {f"eval/{k}": v for k, v in result.scalars().items()})
           logging.info("step %d: eval %s", step, result.summary())
+          final = result if step == config.train.steps else None
         ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter)
-        history.save(workdir)
+        if log_now or final is not None or step % config.eval_every_steps == 0:
+          history.save(workdir)
     ckpt.save(step, params=trainable, opt_state=opt_state, data_iter=train_iter, force=True)
   finally:
     # Also on an error: flush the last scalars and finish any in-flight save.
@@ -175,9 +178,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     writer.flush()
 
   # -- Final evaluation and report -----------------------------------------------------------
-  final = evaluate.evaluate(
-    functools.partial(p_score, trainable, frozen), built.preparer, test_records, config
-  )
+  if final is None:  # Resumed at the last step.
+    final = evaluate.evaluate(
+      functools.partial(p_score, trainable, frozen), built.preparer, test_records, config
+    )
   summary = dict(
     step=step,
     train_seconds=round(time.time() - start_time, 1),

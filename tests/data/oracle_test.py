@@ -97,3 +97,19 @@ def test_float_images_and_bad_shapes():
 def test_score_prompt_rejects_foreign_prompts():
   with pytest.raises(ValueError, match="outside the scene grammar"):
     oracle.score_prompt(_canvas(), "a cat to the left of a dog")
+
+
+def test_uint8_batches_label_each_distinct_colour_once_with_the_same_labels():
+  # Rendered scenes (palette colours, anti-aliased edges) and noise (every colour distinct):
+  # the distinct-colour path labels as the per-pixel arithmetic does.
+  rng = np.random.default_rng(3)
+  renders = np.stack([render.render_scene(scenes.sample_scene(rng), seed=k) for k in range(4)])
+  noise = rng.integers(0, 256, (2, *renders.shape[1:]), dtype=np.uint8)
+  for images in (renders, noise, renders[0]):
+    per_pixel = oracle._nearest_palette(oracle._as_rgb255(images, batched=images.ndim == 4))
+    labels = oracle.color_labels(images)
+    assert labels.dtype == per_pixel.dtype
+    np.testing.assert_array_equal(labels, per_pixel)
+  assert (oracle.color_labels(renders) >= 0).any()
+  with pytest.raises(ValueError, match="shape"):
+    oracle.color_labels(np.zeros((64, 64, 4), np.uint8))

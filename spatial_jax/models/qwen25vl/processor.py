@@ -358,7 +358,13 @@ class ImageProcessor:
       images = [images]
     if len(images) == 0:
       raise ValueError("No images given")
-    patches, grids = zip(*(self._preprocess_one(image) for image in images), strict=True)
+    # A batch may hold one image object several times (a reward pair's images appear under
+    # the prompt and the perturbed prompt): each distinct object is processed once.
+    done: dict[int, tuple[np.ndarray, tuple[int, int, int]]] = {}
+    for image in images:
+      if id(image) not in done:
+        done[id(image)] = self._preprocess_one(image)
+    patches, grids = zip(*(done[id(image)] for image in images), strict=True)
     return {
       "pixel_values": np.concatenate(patches, axis=0),
       "image_grid_thw": np.asarray(grids, dtype=np.int64),

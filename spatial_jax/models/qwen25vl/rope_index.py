@@ -24,6 +24,8 @@ to the jitted model next to `input_ids`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -35,6 +37,16 @@ def _runs(is_image: np.ndarray) -> list[tuple[bool, int, int]]:
   starts = np.concatenate([[0], edges])
   ends = np.concatenate([edges, [is_image.size]])
   return [(bool(is_image[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+
+
+@functools.lru_cache(maxsize=64)
+def _raster(grid_t: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """(3, t*h*w) (t, h, w) indices in raster order over (t, h, w), as the merged vision tokens
+  are spliced in; cached (read-only) since a batch's images usually share one grid."""
+  tt, hh, ww = np.meshgrid(np.arange(grid_t), np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  raster = np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+  raster.setflags(write=False)
+  return raster
 
 
 def rope_index(
@@ -117,11 +129,7 @@ def rope_index(
           f"{grid_t * grid_h * grid_w} image tokens but row {b} has a run of {n} at valid token "
           f"{start}."
         )
-      # Raster order over (t, h/m, w/m), as the merged vision tokens are spliced in.
-      tt, hh, ww = np.meshgrid(
-        np.arange(grid_t), np.arange(grid_h), np.arange(grid_w), indexing="ij"
-      )
-      row[:, start:end] = cur + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+      row[:, start:end] = cur + _raster(grid_t, grid_h, grid_w)
       cur += max(h, w) // merge
       next_image += 1
     position_ids[:, b, valid] = row

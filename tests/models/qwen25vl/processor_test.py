@@ -131,6 +131,9 @@ def test_image_processor_input_kinds_and_mixed_batch():
   # The batch is the concatenation of the single-image results, in order.
   singles = [ours([image])["pixel_values"] for image in images]
   np.testing.assert_array_equal(got["pixel_values"], np.concatenate(singles))
+  # An image object given several times (a reward pair's rows) is processed once, same result.
+  repeated = ours([images[0], images[1], images[0]])["pixel_values"]
+  np.testing.assert_array_equal(repeated, np.concatenate([singles[0], singles[1], singles[0]]))
   # A 2-D array (transformers rejects it) is read as grayscale, like its (H, W, 1) form.
   gray = rng.integers(0, 256, (50, 80), dtype=np.uint8)
   np.testing.assert_array_equal(ours(gray)["pixel_values"], ours([gray[..., None]])["pixel_values"])

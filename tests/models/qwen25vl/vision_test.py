@@ -173,6 +173,10 @@ def test_metadata_matches_transformers_helpers(cfg, grid):
   grid = np.asarray(grid, dtype=np.int64)
   grid_t = torch.from_numpy(grid)
   meta = vision.vision_metadata(grid, v)
+  # Memoised: the same grid again gives the same (read-only) arrays.
+  again = vision.vision_metadata(grid.copy(), v)
+  for a, b in zip(jax.tree.leaves(meta), jax.tree.leaves(again), strict=True):
+    assert a is b and not a.flags.writeable
   want_index, want_cu_window = get_vision_window_index(
     grid_t, v.spatial_merge_size, v.window_size, v.patch_size
   )
