@@ -54,8 +54,9 @@ def get_config(arg=None):
   )
   config.lora = dict(rank=32, alpha=64.0, targets=(), single_mlp=False)
   config.reward = dict(
-    spatial_score="",  # Required: the SpatialScore workdir or export.
+    spatial_score="",  # Required: the SpatialScore workdir, export, or reward_serve URL.
     tiny_spatial_score=False,
+    remote_retry_s=300.0,  # A reward_serve URL in spatial_score: how long to retry.
     oracle=False,  # Real prompts: no rule-based oracle.
     train_on="spatial_score",
     batch_size=32,

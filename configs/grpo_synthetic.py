@@ -47,8 +47,10 @@ def get_config(arg=None):
   config.model = configs_lib.flux_model()
   config.lora = dict(rank=16, alpha=32.0, targets=(), single_mlp=False)
   config.reward = dict(
-    spatial_score="",  # A reward_train workdir or a SpatialScore export.
+    # A reward_train workdir, a SpatialScore export, or a reward_serve URL (http://host:port).
+    spatial_score="",
     tiny_spatial_score=False,  # No path: a random tiny SpatialScore (smoke runs).
+    remote_retry_s=300.0,  # A reward_serve URL in spatial_score: how long to retry.
     oracle=True,  # The scene oracle (synthetic prompts only).
     train_on="oracle",  # "oracle" or "spatial_score".
     batch_size=64,  # SpatialScore sequences per compiled call.

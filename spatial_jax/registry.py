@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
   "data_synthetic": "spatial_jax.jobs.data_synthetic:run",
   "reward_train": "spatial_jax.jobs.reward_train:run",
   "reward_eval": "spatial_jax.jobs.reward_eval:run",
+  "reward_serve": "spatial_jax.jobs.reward_serve:run",
   "text_encoder_synthetic": "spatial_jax.jobs.text_encoder_synthetic:run",
   "flux_sft": "spatial_jax.jobs.flux_sft:run",
   "grpo": "spatial_jax.jobs.grpo:run",

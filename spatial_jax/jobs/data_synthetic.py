@@ -14,9 +14,12 @@ an interrupted build resumes without duplicates or gaps.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -142,15 +145,50 @@ def _write_pairs(config: Any, workdir: str) -> int:
   # Synthetic pairs are cheap to make again: durable 512 at a time, not one by one (the fsyncs
   # were half of a pair's cost).
   with pairs.PairsWriter(workdir, sync_every=512) as writer:
-    done = 0
-    for split, count in _split_counts(config):
-      for index in range(count):
-        if not writer.has(pair_id(split, index)):
-          writer.add(**make_pair(config, split, index))
-          written += 1
-        done += 1
-        progress.update(done)
+    every = [(split, index) for split, count in _split_counts(config) for index in range(count)]
+    todo = [(split, index) for split, index in every if not writer.has(pair_id(split, index))]
+    done = len(every) - len(todo)
+    for pair in _made_in_order(config, todo):
+      writer.add(**pair)
+      written += 1
+      done += 1
+      progress.update(done)
   return written
+
+
+# Below this many pairs, one process (a worker pool takes ~2 s to start).
+_PARALLEL_MIN_PAIRS = 2048
+_BLOCK = 1024  # Pairs in flight per block: memory stays bounded for large images.
+
+
+def _make_pair_args(args: tuple[Any, str, int]) -> dict[str, Any]:
+  return make_pair(*args)
+
+
+def _made_in_order(config: Any, todo: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+  """`make_pair` of each (split, index), in order; on the machine's cores when there are many.
+
+  Each pair is a pure function of (seed, split, index), so the workers' pairs are the ones a
+  single process makes; this process writes them (PNG encoding, fsyncs) while the workers
+  render the next block.
+  """
+  workers = min(os.cpu_count() or 1, 8)
+  if workers < 2 or len(todo) < _PARALLEL_MIN_PAIRS:
+    for split, index in todo:
+      yield make_pair(config, split, index)
+    return
+  # Spawned, not forked: this process may already run JAX's threads.
+  context = multiprocessing.get_context("spawn")
+  args = [(config, split, index) for split, index in todo]
+  blocks = [args[i : i + _BLOCK] for i in range(0, len(args), _BLOCK)]
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pending = pool.map(_make_pair_args, blocks[0], chunksize=32)
+    for k in range(len(blocks)):
+      following = (
+        pool.map(_make_pair_args, blocks[k + 1], chunksize=32) if k + 1 < len(blocks) else None
+      )
+      yield from pending
+      pending = following
 
 
 def _statistics(config: Any, workdir: str, records: list[pairs.PairRecord]) -> dict[str, Any]:

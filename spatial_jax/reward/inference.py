@@ -249,7 +249,11 @@ class SpatialScore:
   # -- Scoring -------------------------------------------------------------------------------
 
   def score(
-    self, images: Sequence[Any] | np.ndarray, prompts: Sequence[str] | str
+    self,
+    images: Sequence[Any] | np.ndarray,
+    prompts: Sequence[str] | str,
+    *,
+    batch_size: int | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Scores each image against its prompt: (mu, sigma), numpy float32 arrays of shape (N,).
 
@@ -258,7 +262,8 @@ class SpatialScore:
         array; any size (resized to `image_size`, as in training).
       prompts: one prompt per image, or a single string for all of them.
 
-    Runs in chunks of `batch_size` sequences, the last one padded, so one program is compiled.
+    Runs in chunks of `batch_size` sequences (default: the scorer's), the last one padded, so
+    one program is compiled per chunk size (the reward service keeps a few: its buckets).
     """
     if isinstance(images, Image.Image) or (
       isinstance(images, np.ndarray | jax.Array) and images.ndim == 3
@@ -273,9 +278,8 @@ class SpatialScore:
     if len(images) != len(prompts):
       raise ValueError(f"SpatialScore.score got {len(images)} images but {len(prompts)} prompts")
     images = [self._prepare_image(image, i) for i, image in enumerate(images)]
-    mu, sigma = evaluate.score_in_chunks(
-      self.score_inputs, self.preparer, images, prompts, self.batch_size
-    )
+    chunk = self.batch_size if batch_size is None else self._chunk_size(batch_size)
+    mu, sigma = evaluate.score_in_chunks(self.score_inputs, self.preparer, images, prompts, chunk)
     bad = np.flatnonzero(~(np.isfinite(mu) & np.isfinite(sigma)))
     if bad.size:
       raise FloatingPointError(

@@ -281,14 +281,27 @@ def score_images(
   images.
   """
   rows = phases.process_rows(len(images))
+  local_rows = slice(None) if rows is None else rows
+  # Rewards from a service (`submit`: a future) are sent first and collected last, so they
+  # score while the host rewards run.
+  pending = {
+    name: fn.submit(images[local_rows], list(prompts)[local_rows])
+    for name, fn in reward_fns.items()
+    if hasattr(fn, "submit")
+  }
   out = {}
   for name, fn in reward_fns.items():
+    if name in pending:
+      continue
     if rows is None or rewards_lib.on_mesh(fn):
       out[name] = np.asarray(fn(images, prompts), np.float32)
     else:
       local = np.asarray(fn(images[rows], list(prompts)[rows]), np.float32)
       out[name] = sharding.gather_rows(local, rows, len(images))
-  return out
+  for name, future in pending.items():
+    local = np.asarray(future.result(), np.float32)
+    out[name] = local if rows is None else sharding.gather_rows(local, rows, len(images))
+  return {name: out[name] for name in reward_fns}
 
 
 def score(phases: Phases, roll: Rollout, reward_fns: Mapping[str, Callable], config: Any) -> Scored:

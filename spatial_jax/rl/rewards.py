@@ -2,7 +2,9 @@
 
 - `spatial_score`: the mu of a SpatialScore model (`reward.spatial_score`: a `reward_train`
   workdir or an export folder; for smoke runs, a random tiny one: `reward.tiny_spatial_score`), the
-  paper's reward.
+  paper's reward. An `http://host:port` there scores on a `reward_serve` service instead (the 7B
+  reward on other devices or hosts than the policy; token from $SPATIAL_SCORE_TOKEN), sent before
+  the host rewards are computed, so the two overlap.
 - `oracle_soft`: the oracle's graded verdict (`oracle.soft_fraction`): a dense version of
   `oracle` for training, with the same ground truth.
 - `brightness`: the mean pixel value, only when `train_on` names it: a dense sanity reward.
@@ -16,7 +18,9 @@ the advantages use.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -60,6 +64,40 @@ def on_mesh(fn: RewardFn) -> bool:
   return bool(getattr(fn, "on_mesh", False))
 
 
+def is_remote(path: str) -> bool:
+  """Whether `reward.spatial_score` names a service rather than a folder."""
+  return path.startswith(("http://", "https://"))
+
+
+def remote_spatial_score(url: str, config: Any) -> RewardFn:
+  """The `spatial_score` reward from a `reward_serve` service: a host reward (each process
+  sends its own rows) with `submit` (a future), so `loop.score_images` can overlap it."""
+  from spatial_jax.reward import client as client_lib  # numpy / PIL / stdlib only.
+
+  client = client_lib.SpatialScoreClient(
+    url,
+    token=os.environ.get(client_lib.TOKEN_ENV),
+    retry_s=config.reward.get("remote_retry_s", 300.0),
+  )
+  logging.info("spatial_score from the service at %s: %s", url, client.health())
+
+  def spatial_score(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    return client.score(list(images), list(prompts))[0]
+
+  def submit(images: np.ndarray, prompts: Sequence[str]) -> Future:
+    future = Future()
+    inner = client.score_async(list(images), list(prompts))
+    inner.add_done_callback(
+      lambda f: (
+        future.set_exception(f.exception()) if f.exception() else future.set_result(f.result()[0])
+      )
+    )
+    return future
+
+  spatial_score.submit = submit
+  return spatial_score
+
+
 def load_spatial_score(config: Any, mesh: jax.sharding.Mesh):
   """The SpatialScore model `config.reward` names, or None when there is none."""
   from spatial_jax.reward.inference import SpatialScore  # Lazy: the Qwen stack.
@@ -87,7 +125,11 @@ def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
   if r.train_on not in REWARDS:
     raise ValueError(f"config.reward.train_on={r.train_on!r}; use one of {REWARDS}.")
   fns: dict[str, RewardFn] = {}
-  model = load_spatial_score(config, mesh)
+  model = None
+  if is_remote(r.spatial_score):
+    fns["spatial_score"] = remote_spatial_score(r.spatial_score, config)
+  else:
+    model = load_spatial_score(config, mesh)
   if model is not None:
 
     def spatial_score(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:

@@ -52,6 +52,16 @@ def test_rerun_after_interruption_resumes_without_duplicates(tmp_path):
   assert len(pairs.read_pairs(resumed)) == 16
 
 
+@pytest.mark.slow  # Starts a pool of spawned worker processes.
+def test_pairs_made_on_worker_processes_equal_one_process(tmp_path, monkeypatch):
+  data_synthetic.run(_config(recolour_fraction=0.25), str(tmp_path / "one"))
+  monkeypatch.setattr(data_synthetic, "_PARALLEL_MIN_PAIRS", 2)
+  monkeypatch.setattr(data_synthetic, "_BLOCK", 5)  # Several blocks, the last one partial.
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  data_synthetic.run(_config(recolour_fraction=0.25), str(tmp_path / "workers"))
+  _same_folders(tmp_path / "one", tmp_path / "workers")
+
+
 def test_pairs_differ_in_exactly_one_relation_of_the_prompt(tmp_path):
   data_synthetic.run(_config(image_size=64), str(tmp_path))
   records = pairs.read_pairs(tmp_path)

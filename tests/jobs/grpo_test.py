@@ -257,3 +257,54 @@ def test_grpo_climbs_a_dense_reward(tmp_path):
   # The rollout mean of 16 noisy images moves by ~0.003 between steps without learning.
   assert late > early + 0.02, (early, late)
   assert summary["after"]["eval/brightness"] > summary["before"]["eval/brightness"]
+
+
+def test_spatial_score_from_a_service_matches_in_process_and_survives_a_restart(smoke, tmp_path):
+  """`reward.spatial_score=http://...`: the smoke run's tiny SpatialScore behind a server that
+  restarts after its second scoring call; the run retries and logs the in-process rewards."""
+  import threading
+  import time
+
+  from spatial_jax.jobs import reward_serve
+  from spatial_jax.reward import server
+  from spatial_jax.reward.inference import SpatialScore
+
+  config = load_config(CONFIG, "smoke")
+  tiny = load_config("configs/reward_synthetic.py", "smoke")
+  tiny.seed = config.seed  # The random tiny SpatialScore the in-process smoke run builds.
+  serve_config = load_config("configs/reward_serve.py", "smoke")
+  serve_config.buckets = (16, 64)
+  service = reward_serve.make_service(SpatialScore.from_config(tiny), serve_config)
+  servers = [server.Server(service, "127.0.0.1", 0)]
+  servers[0].start()
+  port, calls, score = servers[0].port, [], service.batcher._score
+
+  def restart():
+    servers[0].shutdown()
+    servers[0].server_close()
+    time.sleep(1.5)  # Requests meanwhile are refused: the client retries.
+    servers.append(server.Server(service, "127.0.0.1", port))
+    servers[-1].start()
+
+  def counting(images, prompts, bucket):
+    calls.append(len(images))
+    if len(calls) == 2:
+      threading.Thread(target=restart).start()
+    return score(images, prompts, bucket)
+
+  service.batcher._score = counting
+  config.reward.update(spatial_score=f"http://127.0.0.1:{port}", tiny_spatial_score=False)
+  try:
+    summary = grpo_job.run(config, str(tmp_path))
+  finally:
+    servers[-1].shutdown()
+    servers[-1].server_close()
+  assert len(servers) == 2 and len(calls) > 3  # Served before and after the restart.
+  full, remote = _history(smoke[0]), _history(str(tmp_path))
+  for step in (1, 2):
+    for name in ("train/reward_spatial_score", "train/reward_oracle", "train/loss"):
+      np.testing.assert_allclose(remote[name][step], full[name][step], rtol=1e-5, err_msg=name)
+  for when in ("before", "after"):
+    assert summary[when]["eval/spatial_score"] == pytest.approx(
+      smoke[1][when]["eval/spatial_score"], rel=1e-5
+    )
