@@ -22,10 +22,13 @@ def get_config(arg=None):
   # trusted network only.
   config.allow_pickle = False
   # Rows per compiled scoring call: concurrent requests are packed into the smallest bucket
-  # that holds them (one compile per bucket, at start).
+  # that holds them (one compile per bucket, at start). For accelerators; on a CPU one bucket
+  # the size of a request serves more (BENCHMARKS.md).
   config.buckets = (8, 32, 128)
   config.max_queue = 64  # Requests waiting; beyond it the answer is 503 (retry).
-  config.max_wait_ms = 5.0  # How long a call waits for more requests to pack.
+  # How long a call waits for more requests to pack. 0: none (a lone client pays no wait);
+  # requests that arrive while a call runs are packed into the next one anyway.
+  config.max_wait_ms = 0.0
   config.request_timeout_s = 300.0
   config.serve_seconds = 0  # Stop after this long (0: until SIGTERM / Ctrl-C).
   config.limits = dict(

@@ -2,8 +2,9 @@
 
 Requests wait in a bounded queue (`submit` raises `QueueFull` when it is full: the server
 answers 503). One worker thread takes the oldest request, adds whatever else is queued (waiting
-at most `max_wait_s` for more) while the rows fit the largest bucket, and scores them in one
-call at the smallest bucket that holds them. The scorer pads each call to its bucket, so a
+at most `max_wait_s` for more; by default not at all: requests that arrive during a call are
+packed into the next one) while the rows fit the largest bucket, and scores them in one call at
+the smallest bucket that holds them. The scorer pads each call to its bucket, so a
 service compiles one program per bucket, never one per request size. Requests larger than the
 largest bucket are scored alone, in chunks of it.
 
@@ -74,7 +75,7 @@ class Batcher:
     buckets: Sequence[int],
     *,
     max_queue: int = 64,
-    max_wait_s: float = 0.005,
+    max_wait_s: float = 0.0,
   ):
     if not buckets or min(buckets) < 1:
       raise ValueError(f"buckets must be positive sizes, got {list(buckets)}")
