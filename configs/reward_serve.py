@@ -17,7 +17,9 @@ def get_config(arg=None):
   config.untrained_smoke_model = False
   config.host = "127.0.0.1"  # Loopback only; another address exposes the service (use a token).
   config.port = 8123  # 0: any free port (written to <workdir>/server.json).
-  config.token = ""  # Bearer token; empty: $SPATIAL_SCORE_TOKEN, or none.
+  # Bearer token; empty: $SPATIAL_SCORE_TOKEN, or none. A token given here is recorded in
+  # <workdir>/config.json: prefer the variable.
+  config.token = ""
   # Flow-GRPO's pickled protocol. Unpickling runs code the sender chooses: loopback or a
   # trusted network only.
   config.allow_pickle = False
