@@ -74,6 +74,16 @@ def _start_service(workdir: str, buckets: tuple[int, ...], model_path: str) -> t
     return process, json.load(f)["url"]
 
 
+def _rates(latencies: list[float], elapsed: float, images_per_request: int) -> dict:
+  lat = np.asarray(latencies) * 1e3
+  return dict(
+    requests_per_s=len(lat) / elapsed,
+    images_per_s=len(lat) * images_per_request / elapsed,
+    p50_ms=float(np.percentile(lat, 50)),
+    p99_ms=float(np.percentile(lat, 99)),
+  )
+
+
 def _load(url: str, clients: int, seconds: float, requests: list) -> dict:
   """`clients` threads sending requests back to back for `seconds`."""
   latencies: list[float] = []
@@ -97,14 +107,7 @@ def _load(url: str, clients: int, seconds: float, requests: list) -> dict:
     t.start()
   for t in threads:
     t.join()
-  elapsed = time.perf_counter() - started
-  lat = np.asarray(latencies) * 1e3
-  return dict(
-    requests_per_s=len(lat) / elapsed,
-    images_per_s=len(lat) * len(requests[0][0]) / elapsed,
-    p50_ms=float(np.percentile(lat, 50)),
-    p99_ms=float(np.percentile(lat, 99)),
-  )
+  return _rates(latencies, time.perf_counter() - started, len(requests[0][0]))
 
 
 def _in_process(requests: list, seconds: float, model_path: str) -> dict:
@@ -126,14 +129,7 @@ def _in_process(requests: list, seconds: float, model_path: str) -> dict:
     scorer.score(*requests[k % len(requests)])
     latencies.append(time.perf_counter() - t)
     k += 1
-  elapsed = time.perf_counter() - started
-  lat = np.asarray(latencies) * 1e3
-  return dict(
-    requests_per_s=len(lat) / elapsed,
-    images_per_s=len(lat) * n / elapsed,
-    p50_ms=float(np.percentile(lat, 50)),
-    p99_ms=float(np.percentile(lat, 99)),
-  )
+  return _rates(latencies, time.perf_counter() - started, n)
 
 
 def _median(runs: list[dict]) -> dict:

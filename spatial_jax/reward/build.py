@@ -214,10 +214,10 @@ def host_pair_batch(preparer, batch: dict[str, np.ndarray], config: Any) -> Pair
   if config.train.get("grounding_weight", 0.0) > 0:
     # On each distinct image once (with `perturbed`, every image is in two rows), then
     # gathered back to the rows: per image the same numbers.
-    first = {id(image): i for i, image in reversed(list(enumerate(images)))}
-    distinct = sorted(set(first.values()))
-    rows_of = np.searchsorted(distinct, [first[id(image)] for image in images])
-    centroids, present = grounding.colour_centroids(np.stack([images[i] for i in distinct]))
+    slot: dict[int, int] = {}
+    rows_of = [slot.setdefault(id(image), len(slot)) for image in images]
+    distinct = list({id(image): image for image in images}.values())  # First-seen order.
+    centroids, present = grounding.colour_centroids(np.stack(distinct))
     centroids, present = centroids[rows_of], present[rows_of]
   return PairBatch(inputs, centroids, present, rows_per_pair=rows)
 
