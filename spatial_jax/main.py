@@ -12,8 +12,12 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# transformers serves tokenizers and configs here, never torch models: its import-time advice
+# that PyTorch is missing (the quick start installs no torch) is noise. Set before any import.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, e.g. configs/data_synthetic.py:smoke.", lock_config=True
