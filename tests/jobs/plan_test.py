@@ -1,5 +1,6 @@
 """The `plan` job on tiny models: a table of positive memory and FLOPs, and no weights made."""
 
+import importlib.util
 import json
 import os
 
@@ -66,3 +67,17 @@ def test_misspelled_override_fails(tmp_path):
   with pytest.raises(AttributeError, match="group_sise"):
     plan.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "plan.json")
+
+
+def test_tpu_target_compiles_without_tpus_or_names_the_cure():
+  """`config.target="tpu:v5p"`: v5p topologies by chip count, described by libtpu without TPUs."""
+  with pytest.raises(ValueError, match="no topology of 3 chips"):
+    plan.target_devices("tpu:v5p", 3)
+  with pytest.raises(ValueError, match="Unknown plan target 'gpu'"):
+    plan.target_devices("gpu", 8)
+  if importlib.util.find_spec("libtpu") is None:
+    with pytest.raises(RuntimeError, match=r"needs libtpu \(pip install 'jax\[tpu\]'\)"):
+      plan.target_devices("tpu:v5p", 4)
+  else:
+    devices = plan.target_devices("tpu:v5p", 4)
+    assert len(devices) == 4 and "TPU" in devices[0].device_kind

@@ -11,6 +11,12 @@ by `vision_metadata` from a concrete grid, so the jitted forward sees static sha
   patches out of the flat (N, C) sequence, `mask` (S, L) marks real keys, and `scatter` (N,)
   puts the rows of the flattened (S * L) result back. This is exact (padding keys are masked,
   padding queries are dropped) and costs S * L^2, not the N^2 of a block-diagonal mask.
+* Under a mesh that splits the batch, images of one size (a training batch: the loader resizes
+  them all) run as (images, patches, C) with the indices of one image: they then act on an
+  axis that is not split, and the images axis stays split over the devices. Indexing the flat
+  sequence with data-dependent indices makes XLA gather all of it onto every device: for
+  SpatialScore-7B at 64 images of 448 px, ~27 GB per device of unsplit vision activations
+  (docs/results/plan_full_size.md). On one device the flat layout runs, as transformers does.
 
 Attribute names follow the HF modules, so an HF `[out, in]` weight is our `[in, out]` kernel:
 `patch_embed.proj`, `blocks.{i}.{norm1,norm2,attn.qkv,attn.proj,mlp.*}`, `merger.{ln_q,mlp_0,mlp_2}`.
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from spatial_jax import sharding
 from spatial_jax.models.common import activation, linear
 from spatial_jax.models.qwen25vl.config import Qwen25VLConfig, VisionConfig
 from spatial_jax.models.qwen25vl.layers import (
@@ -39,9 +46,15 @@ from spatial_jax.sharding import shard
 
 # The flat patch sequence has no batch axis: patches of all images (of all examples) are
 # concatenated. Its leading axis is the one to split over data-parallel devices, so it takes
-# `act_batch`; likewise the segment axis (windows / frames) of the batched attention.
+# `act_batch`; in the per-image layout the images axis does. Likewise the segment axis (windows /
+# frames) of the batched attention.
 _FLAT = ("act_batch", "act_embed")
+_PER_IMAGE = ("act_batch", "act_seq", "act_embed")
 _GROUPED = ("act_batch", "act_seq", "act_heads", "act_head_dim")
+
+
+def _tokens_spec(x: jax.Array) -> tuple[str, ...]:
+  return _FLAT if x.ndim == 2 else _PER_IMAGE
 
 
 # -- Host-side metadata ----------------------------------------------------------------------
@@ -72,6 +85,9 @@ class VisionMetadata:
     reverse_index: (N / merge_unit,) int32 its inverse (argsort), restoring raster order.
     window: `Segments` of the window-attention blocks (one segment per non-empty window).
     full: `Segments` of the full-attention blocks (one segment per image frame).
+    image: when the images (more than one) share one grid, the metadata of one of them: the
+      per-image layout that a mesh splitting the batch runs; None otherwise.
+    images: how many images `image` stands for (static).
   """
 
   position_ids: np.ndarray
@@ -79,6 +95,8 @@ class VisionMetadata:
   reverse_index: np.ndarray
   window: Segments
   full: Segments
+  image: VisionMetadata | None = None
+  images: int = struct.field(pytree_node=False, default=1)
 
   @property
   def num_patches(self) -> int:
@@ -182,7 +200,10 @@ def vision_metadata(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionMetadata:
   arrays are read-only, as they are shared between calls.
   """
   grid = _check_grid(grid_thw, cfg)
-  return _vision_metadata(tuple(map(tuple, grid.tolist())), cfg)
+  meta = _vision_metadata(tuple(map(tuple, grid.tolist())), cfg)
+  if len(grid) > 1 and (grid == grid[:1]).all():
+    meta = meta.replace(image=_vision_metadata((tuple(grid[0].tolist()),), cfg), images=len(grid))
+  return meta
 
 
 @functools.lru_cache(maxsize=16)
@@ -205,9 +226,9 @@ def _vision_metadata(grid: tuple[tuple[int, int, int], ...], cfg: VisionConfig) 
 
 
 def _to_window_order(x: jax.Array, window_index: jax.Array, unit: int) -> jax.Array:
-  """Permutes rows of (N, ...) in groups of `unit` consecutive rows (one merged token)."""
-  n = x.shape[0]
-  return x.reshape(n // unit, unit, *x.shape[1:])[window_index].reshape(x.shape)
+  """Permutes rows of (..., N, C) in groups of `unit` consecutive rows (one merged token)."""
+  *lead, n, width = x.shape
+  return x.reshape(*lead, n // unit, unit, width)[..., window_index, :, :].reshape(x.shape)
 
 
 def vision_rotary(position_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -251,18 +272,26 @@ class VisionAttention(nnx.Module):
     self.implementation = cfg.attention_impl
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
-    n, width = x.shape
+    """x: (N, C) flat, or (images, N, C) per image with `seg` of one image."""
+    *lead, n, width = x.shape
+    heads, head_dim = self.num_heads, width // self.num_heads
     # HF splits the fused output as (3, heads, head_dim): q, k, v each span all heads.
-    qkv = self.qkv(x).reshape(n, 3, self.num_heads, width // self.num_heads)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    qkv = self.qkv(x).reshape(*lead, n, 3, heads, head_dim)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     cos, sin = cos[:, None, :], sin[:, None, :]
     # fp32 rotation then cast back, as `apply_rotary_pos_emb_vision` does.
     q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(q.dtype)
     k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(k.dtype)
-    q, k, v = (shard(t[seg.gather], _GROUPED) for t in (q, k, v))
-    out = attention(q, k, v, mask=seg.mask[:, None, None, :], implementation=self.implementation)
+    segments, length = seg.gather.shape
+    # Per image: (images, segments, L, ...) -> one batch of images * segments padded segments.
+    q, k, v = (
+      shard(t[..., seg.gather, :, :].reshape(-1, length, heads, head_dim), _GROUPED)
+      for t in (q, k, v)
+    )
+    mask = jnp.tile(seg.mask, (*lead, 1)) if lead else seg.mask
+    out = attention(q, k, v, mask=mask[:, None, None, :], implementation=self.implementation)
     out = shard(out, _GROUPED)
-    out = out.reshape(-1, width)[seg.scatter]
+    out = out.reshape(*lead, segments * length, width)[..., seg.scatter, :]
     return self.proj(out)
 
 
@@ -287,7 +316,7 @@ class VisionBlock(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
     x = x + self.attn(self.norm1(x), cos, sin, seg)
     x = x + self.mlp(self.norm2(x))
-    return shard(x, _FLAT)
+    return shard(x, _tokens_spec(x))
 
 
 class PatchMerger(nnx.Module):
@@ -303,7 +332,8 @@ class PatchMerger(nnx.Module):
     self.width = width
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.ln_q(x).reshape(-1, self.width)
+    """(..., N, hidden) -> (..., N / merge_unit, out_hidden_size)."""
+    x = self.ln_q(x).reshape(*x.shape[:-2], -1, self.width)
     # nn.GELU() in torch is the exact erf form.
     return self.mlp_2(activation("gelu")(self.mlp_0(x)))
 
@@ -346,19 +376,23 @@ class VisionTransformer(nnx.Module):
         f"the metadata's grid_thw, got {pixel_values.shape}."
       )
     x = self.patch_embed(pixel_values.astype(dtype_of(self.dtype)))
-    x = shard(_to_window_order(x, meta.window_index, v.merge_unit), _FLAT)
-    cos, sin = vision_rotary(meta.position_ids, v)
-    cos = _to_window_order(cos, meta.window_index, v.merge_unit)
-    sin = _to_window_order(sin, meta.window_index, v.merge_unit)
+    layout = meta
+    if meta.image is not None and sharding.active_batch_split() > 1:
+      layout = meta.image  # Per image (module docstring); the same values as the flat layout.
+      x = x.reshape(meta.images, layout.num_patches, -1)
+    x = shard(_to_window_order(x, layout.window_index, v.merge_unit), _tokens_spec(x))
+    cos, sin = vision_rotary(layout.position_ids, v)
+    cos = _to_window_order(cos, layout.window_index, v.merge_unit)
+    sin = _to_window_order(sin, layout.window_index, v.merge_unit)
 
     for i, block in enumerate(self.blocks):
-      seg = meta.full if i in v.fullatt_block_indexes else meta.window
+      seg = layout.full if i in v.fullatt_block_indexes else layout.window
       if self.remat:
         x = remat_call(block, x, cos, sin, seg)
       else:
         x = block(x, cos, sin, seg)
-    merged = self.merger(x)[meta.reverse_index]
-    merged = shard(merged, _FLAT)
+    merged = self.merger(x)[..., layout.reverse_index, :]
+    merged = shard(merged, _tokens_spec(merged)).reshape(-1, merged.shape[-1])
     if return_hidden_states:
-      return merged, x
+      return merged, x.reshape(-1, x.shape[-1])
     return merged

@@ -134,6 +134,8 @@ PARITY_CASES = [
   ("ragged_two_images", TINY, [[1, 8, 10], [1, 6, 6]]),
   ("divisible", TINY, [[1, 8, 8]]),
   ("merge1_video", ALT, [[2, 7, 5], [1, 3, 8]]),
+  # Images of one size: the tower runs them as groups (images, patches, C).
+  ("same_size_images", TINY, [[1, 8, 10]] * 3),
 ]
 
 
@@ -145,6 +147,8 @@ def test_parity_with_transformers(name, cfg, grid):
   want_merged, want_hidden = _hf_forward(cfg, grid, pixels)
   _, ours = _models(cfg)
   meta = vision.vision_metadata(grid, cfg.vision)
+  same_size = len(grid) > 1 and (grid == grid[:1]).all()
+  assert (meta.image is not None) == same_size and meta.images == (len(grid) if same_size else 1)
   # Both attention kinds really run, and windows are not just whole frames.
   assert 0 < len(cfg.vision.fullatt_block_indexes) < cfg.vision.depth
   assert meta.window.gather.shape[0] > meta.full.gather.shape[0]
@@ -280,3 +284,36 @@ def test_sharded_forward_matches(grid):
   if out.shape[0] % 8 == 0:  # jit returns an uneven result replicated.
     want = sharding.named_sharding(mesh, ("act_batch", "act_embed"), rules)
     assert out.sharding.is_equivalent_to(want, out.ndim), out.sharding
+
+
+def test_same_size_images_stay_split_over_devices():
+  """Four same-size images on 4 data devices: each device's vision activations hold one image.
+
+  Indexing the concatenated sequence (metadata without `image`) gathers all patches onto every
+  device; the per-image layout keeps the images axis split (SpatialScore-7B: ~27 GB per device).
+  """
+  grid = np.array([[1, 8, 8]] * 4)
+  patches = int(grid.prod(-1).sum())
+  _, plain = _models(TINY)
+  pixels = jnp.asarray(_pixels(TINY, grid, seed=4))
+  rules = sharding.resolve_rules()
+  mesh = sharding.make_mesh([("fsdp", 4)], jax.devices()[:4])
+  graphdef, state = nnx.split(plain)
+  state = jax.device_put(state, sharding.named_sharding(mesh, (), rules))
+  pixels = jax.device_put(pixels, sharding.named_sharding(mesh, ("act_batch", None), rules))
+
+  def holds_all_patches(meta) -> bool:
+    """Whether some f32 array of the partitioned program has an axis of all the patches."""
+    with sharding.use_mesh(mesh, rules):
+      fn = jax.jit(lambda s, p, m: nnx.merge(graphdef, s)(p, m))
+      hlo = fn.lower(state, pixels, meta).compile().as_text()
+      out = fn(state, pixels, meta)
+    np.testing.assert_allclose(np.asarray(out), _jitted(plain, pixels, meta), rtol=1e-5, atol=1e-5)
+    shapes = re.findall(r"f32\[([\d,]+)\]", hlo)
+    return any(patches in map(int, shape.split(",")) for shape in shapes)
+
+  grouped = vision.vision_metadata(grid, TINY.vision)
+  flat = grouped.replace(image=None)
+  assert grouped.images == 4 and grouped.image.num_patches == patches // 4
+  assert holds_all_patches(flat)
+  assert not holds_all_patches(grouped)
