@@ -12,10 +12,11 @@ memory and the step's FLOPs; see `spatial_jax/jobs/plan.py`. Plans (the arg):
   python -m spatial_jax.main --config configs/plan.py:reward_7b --workdir /tmp/plan
   python -m spatial_jax.main --config configs/plan.py:flux_dev_grpo,only=1024 --workdir /tmp/plan
 
-`only=TEXT` keeps the rows whose name contains TEXT; `target=tpu:v5p` compiles for TPU v5p
+`only=TEXT` keeps the rows whose name contains TEXT (with `exact`: is TEXT); `target=tpu:v5p` compiles for TPU v5p
 topologies (deviceless, needs `pip install 'jax[tpu]'`) instead of fake CPU devices:
 
-  python -m spatial_jax.main --config configs/plan.py:reward_7b,target=tpu:v5p --workdir /tmp/plan
+  python -m spatial_jax.main --config 'configs/plan.py:reward_7b,only=reward 8x fsdp,exact,target=tpu:v5p' \
+      --workdir /tmp/plan
  Mesh axes: `data` (replicated params, split
 batch), `fsdp` (params and batch split), `tensor` (heads / mlp split).
 """
@@ -157,10 +158,11 @@ def get_config(arg=None):
   name, _, rest = (arg or "").partition(",")
   if name not in PLANS:
     raise ValueError(f"Unknown plan {name!r} (configs/plan.py:NAME); known plans: {sorted(PLANS)}.")
-  options = configs_lib.parse_arg(rest, only="", target="cpu")
+  options = configs_lib.parse_arg(rest, only="", exact=False, target="cpu")
   config = configs_lib.base_config("plan")
   config.plan = name
-  rows = [r for r in PLANS[name]() if options.only in r["name"]]
+  match = (lambda n: n == options.only) if options.exact else (lambda n: options.only in n)
+  rows = [r for r in PLANS[name]() if match(r["name"])]
   if not rows:
     raise ValueError(f"only={options.only!r} matches no row of plan {name!r}.")
   config.rows = rows
