@@ -420,37 +420,6 @@ def gather_rows(local: np.ndarray, rows: slice | None, n: int) -> np.ndarray:
   return fulls[first, np.arange(n)]
 
 
-def gather_params(state: Any) -> Any:
-  """Each parameter of `state` gathered over the mesh axes that split the batch (FSDP's), its
-  tensor-parallel axes kept. Identity outside `use_mesh`.
-
-  Called inside a rematerialised layer (`jax.checkpoint`), so that the backward gathers the
-  layer's weights again. Left to the partitioner, one gathered copy of every layer's weights
-  served the forward and the backward and stayed alive in between: for SpatialScore-7B on 8
-  devices, ~27 GB per device whatever the device count (docs/results/plan_full_size.md).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not _ACTIVE_RULES or mesh.empty:
-    return state
-  rules = _ACTIVE_RULES[-1]
-  batch_axes = set(_as_axes(dict(rules).get("act_batch")))
-
-  def gather(variable):
-    names = variable_names(variable)
-    if names is None:
-      return variable
-    spec = logical_to_spec(names, rules)
-    kept = []
-    for entry in spec:
-      axes = tuple(axis for axis in _as_axes(entry) if axis not in batch_axes)
-      kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    if tuple(kept) == tuple(spec):
-      return variable
-    return variable.replace(jax.lax.with_sharding_constraint(variable[...], PartitionSpec(*kept)))
-
-  return jax.tree.map(gather, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def active_batch_split() -> int:
   """How many ways the active mesh and rules split `act_batch` (1 outside `use_mesh`)."""
   mesh = jax.sharding.get_abstract_mesh()

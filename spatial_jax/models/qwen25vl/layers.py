@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spatial_jax import sharding
 from spatial_jax.models import attention as shared_attention
 from spatial_jax.models.common import HasDtypes, activation, linear
 
@@ -135,7 +134,6 @@ def remat_call(module: nnx.Module, *args: Any) -> Any:
   graphdef, state = nnx.split(module)
 
   def run(state, *args):
-    # Gathered inside the checkpoint, so the backward's recomputation gathers again.
-    return nnx.merge(graphdef, sharding.gather_params(state))(*args)
+    return nnx.merge(graphdef, state)(*args)
 
   return jax.checkpoint(run)(state, *args)
