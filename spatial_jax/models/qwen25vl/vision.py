@@ -15,8 +15,9 @@ by `vision_metadata` from a concrete grid, so the jitted forward sees static sha
   them all) run as (images, patches, C) with the indices of one image: they then act on an
   axis that is not split, and the images axis stays split over the devices. Indexing the flat
   sequence with data-dependent indices makes XLA gather all of it onto every device: for
-  SpatialScore-7B at 64 images of 448 px, ~27 GB per device of unsplit vision activations
-  (docs/results/plan_full_size.md). On one device the flat layout runs, as transformers does.
+  SpatialScore-7B at 64 images of 448 px, arrays of all 65,536 patches in every layer of every
+  device (docs/results/plan_full_size.md). On one device the flat layout runs, as transformers
+  does, with the same numbers to the bit as before this layout existed.
 
 Attribute names follow the HF modules, so an HF `[out, in]` weight is our `[in, out]` kernel:
 `patch_embed.proj`, `blocks.{i}.{norm1,norm2,attn.qkv,attn.proj,mlp.*}`, `merger.{ln_q,mlp_0,mlp_2}`.

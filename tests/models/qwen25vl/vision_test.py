@@ -290,7 +290,7 @@ def test_same_size_images_stay_split_over_devices():
   """Four same-size images on 4 data devices: each device's vision activations hold one image.
 
   Indexing the concatenated sequence (metadata without `image`) gathers all patches onto every
-  device; the per-image layout keeps the images axis split (SpatialScore-7B: ~27 GB per device).
+  device; the per-image layout keeps the images axis split (SpatialScore-7B: 64 x 1,024 patches).
   """
   grid = np.array([[1, 8, 8]] * 4)
   patches = int(grid.prod(-1).sum())
