@@ -12,13 +12,15 @@ memory and the step's FLOPs; see `spatial_jax/jobs/plan.py`. Plans (the arg):
   python -m spatial_jax.main --config configs/plan.py:reward_7b --workdir /tmp/plan
   python -m spatial_jax.main --config configs/plan.py:flux_dev_grpo,only=1024 --workdir /tmp/plan
 
-`only=TEXT` keeps the rows whose name contains TEXT (with `exact`: is TEXT); `target=tpu:v5p` compiles for TPU v5p
-topologies (deviceless, needs `pip install 'jax[tpu]'`) instead of fake CPU devices:
+`only=TEXT` keeps the rows whose name contains TEXT (with `exact`: is TEXT). `target=tpu:v5p`
+compiles for TPU v5p topologies (deviceless, needs `pip install 'jax[tpu]'`) instead of fake CPU
+devices:
 
   python -m spatial_jax.main --config 'configs/plan.py:reward_7b,only=reward 8x fsdp,exact,target=tpu:v5p' \
       --workdir /tmp/plan
- Mesh axes: `data` (replicated params, split
-batch), `fsdp` (params and batch split), `tensor` (heads / mlp split).
+
+Mesh axes: `data` (replicated params, split batch), `fsdp` (params and batch split), `tensor`
+(heads / mlp split).
 """
 
 from spatial_jax import configs_lib

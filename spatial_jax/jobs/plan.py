@@ -592,13 +592,12 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   import ml_collections
 
   configure_devices(config)
+  target = config.get("target", "cpu")
   results = []
   for row in [ml_collections.ConfigDict(dict(r)) for r in config.rows]:
     logging.info("plan: %s (%s on %d devices)", row.name, row.step, row.devices)
     try:
-      results.append(
-        measure(row, config.headroom, config.get("largest_arrays", 0), config.get("target", "cpu"))
-      )
+      results.append(measure(row, config.headroom, config.get("largest_arrays", 0), target))
     except Exception as e:  # noqa: BLE001  A row that cannot compile is a finding, not a crash.
       if config.fail_fast:
         raise
@@ -607,7 +606,7 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
     logging.info("plan: %s", json.dumps(results[-1]))
   capacities = ", ".join(f"{n} = {c} x {m:g} GB" for n, c, m in TARGETS)
   notes = (
-    f"Per-device memory of XLA's {_compiler(config.get('target', 'cpu'))} compile for the mesh "
+    f"Per-device memory of XLA's {_compiler(target)} compile for the mesh "
     f"({capacities}); 'fits' means total <= "
     f"{config.headroom:.0%} of one chip's memory; '-': a row on another device count. "
     "TFLOP/dev: matmul FLOPs of one step (backward and remat recomputation included) / devices."

@@ -273,10 +273,9 @@ def global_pair_inputs(
     )
   local = dataclasses.replace(inputs, vision_meta=None)
   out = sharding.process_local_to_global(local, dataclasses.replace(shardings, vision_meta=None))
-  # The global metadata's own tree: with more images it may describe them per image.
-  replicated = sharding.named_sharding(mesh, (), rules)
-  meta = jax.device_put(meta, jax.tree.map(lambda _: replicated, meta))
-  out = dataclasses.replace(out, vision_meta=meta)
+  # Placed by the global metadata's own tree: with more images it may describe them per image.
+  meta_shardings = input_shardings(dataclasses.replace(inputs, vision_meta=meta), mesh, rules)
+  out = dataclasses.replace(out, vision_meta=jax.device_put(meta, meta_shardings.vision_meta))
   if host is None:
     return out
   centroids, present = sharding.process_local_to_global(targets, target_shardings)
