@@ -186,13 +186,9 @@ def main() -> None:
   config = load_config("configs/grpo_synthetic.py")
   config.model.tiny = flux_sft_generator()
   config.model.attention_impl = args.attention
-  config.sampling.update(num_steps=args.steps, cfg_scale=1.0)
+  config.sampling.update(num_steps=args.steps, cfg_scale=1.0, sde_window=tuple(args.window))
   config.grpo.update(
-    prompts_per_step=args.prompts,
-    group_size=args.group,
-    topk=args.topk,
-    sde_window=tuple(args.window),
-    same_initial_noise=True,
+    prompts_per_step=args.prompts, group_size=args.group, topk=args.topk, same_initial_noise=True
   )
   config.train.num_minibatches = 1
   mesh, rules, pol, (_, trainable, frozen), tx, phases = jitted_policy(config)

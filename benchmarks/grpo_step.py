@@ -70,9 +70,8 @@ def main() -> None:
   config = load_config("configs/grpo_synthetic.py")
   config.model.tiny = flux_sft_generator()
   config.sampling.update(num_steps=args.steps, cfg_scale=4.0)
-  config.grpo.update(
-    prompts_per_step=args.prompts, group_size=args.group, sde_window=(0, args.steps - 1)
-  )
+  config.grpo.update(prompts_per_step=args.prompts, group_size=args.group)
+  config.sampling.sde_window = (0, args.steps - 1)
   config.train.num_minibatches = 1
   mesh, rules, pol, (graphdef, trainable, frozen), tx, phases = jitted_policy(config)
 

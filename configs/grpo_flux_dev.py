@@ -60,8 +60,9 @@ def get_config(arg=None):
     oracle=False,  # Real prompts: no rule-based oracle.
     train_on="spatial_score",
     batch_size=32,
+    **configs_lib.grpo_reward_mix(),
   )
-  config.sampling = dict(num_steps=6, guidance=3.5, cfg_scale=1.0)
+  config.sampling = configs_lib.grpo_sampling(6, guidance=3.5, cfg_scale=1.0)
   config.grpo = dict(
     prompts_per_step=8,
     group_size=24,
@@ -72,11 +73,12 @@ def get_config(arg=None):
     adv_clip=5.0,
     noise_level=0.9,
     same_initial_noise=False,  # Flow-GRPO draws every sample's initial noise apart.
-    sde_window=(),  # All steps but the last.
     timestep_fraction=1.0,
     clip_range=1e-4,
     beta=0.01,
     kl_form="flow_grpo",
+    kl_target="mean",  # The KL of the step means, or "velocity": 0.5 mean((v - v_ref)^2).
+    ratio_norm=False,  # GRPO-Guard's ratio normalisation and per-step gradient reweight.
   )
   config.train = dict(
     # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
@@ -87,6 +89,7 @@ def get_config(arg=None):
     grad_clip=1.0,
     num_minibatches=4,
     ema_decay=0.0,
+    early_stop=configs_lib.early_stop(),
     checkpoint_every=20,
     keep_checkpoints=3,
   )

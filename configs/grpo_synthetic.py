@@ -52,14 +52,11 @@ def get_config(arg=None):
     tiny_spatial_score=False,  # No path: a random tiny SpatialScore (smoke runs).
     remote_retry_s=300.0,  # A reward_serve URL in spatial_score: how long to retry.
     oracle=True,  # The scene oracle (synthetic prompts only).
-    train_on="oracle",  # "oracle" or "spatial_score".
+    train_on="oracle",  # "oracle" or "spatial_score" (when every reward weight is 0).
     batch_size=64,  # SpatialScore sequences per compiled call.
+    **configs_lib.grpo_reward_mix(),
   )
-  config.sampling = dict(
-    num_steps=10,  # Rollout steps on the FLUX schedule.
-    guidance=1.0,  # The distilled guidance value (models with guidance embeddings).
-    cfg_scale=-1.0,  # True CFG against the empty prompt; < 0: the generator's own setting.
-  )
+  config.sampling = configs_lib.grpo_sampling(10)
   config.grpo = dict(
     prompts_per_step=4,
     group_size=8,
@@ -70,11 +67,12 @@ def get_config(arg=None):
     adv_clip=5.0,
     noise_level=0.7,  # Flow-GRPO's `a`.
     same_initial_noise=False,  # One initial noise per group (DanceGRPO's --init_same_noise).
-    sde_window=(),  # Stochastic steps [start, end); empty: all but the last, sharp step (ODE).
     timestep_fraction=1.0,  # Of the stochastic steps, the first fraction is trained.
     clip_range=1e-4,
     beta=0.01,
     kl_form="flow_grpo",  # Flow-GRPO's KL (std without sqrt(dt)); "exact": the Gaussian KL.
+    kl_target="mean",  # The KL of the step means, or "velocity": 0.5 mean((v - v_ref)^2).
+    ratio_norm=False,  # GRPO-Guard's ratio normalisation and per-step gradient reweight.
   )
   config.train = dict(
     # Divergence guard: a save (or resume) with a |weight| beyond this stops the run; 0: off.
@@ -85,6 +83,7 @@ def get_config(arg=None):
     grad_clip=1.0,
     num_minibatches=2,  # Optimizer updates per rollout (on disjoint halves of the kept samples).
     ema_decay=0.0,
+    early_stop=configs_lib.early_stop(),
     checkpoint_every=20,
     keep_checkpoints=2,
   )
@@ -95,9 +94,8 @@ def get_config(arg=None):
 
   if arg.simple or arg.pool:
     config.data.synthetic.update(max_objects=2, max_relations=1)
-    config.grpo.update(
-      prompts_per_step=8, group_size=16, topk=4, same_initial_noise=True, sde_window=(0, 4)
-    )
+    config.grpo.update(prompts_per_step=8, group_size=16, topk=4, same_initial_noise=True)
+    config.sampling.sde_window = (0, 4)
     # Held-out relations peak near step 80 at this lr; past it the images degrade (docs/results/grpo_synthetic.md).
     config.train.update(steps=80, lr=1e-3, num_minibatches=1)
     config.eval.update(every_steps=20, num_prompts=128)
@@ -107,8 +105,8 @@ def get_config(arg=None):
   if arg.smoke:
     config.reward.tiny_spatial_score = True
     config.sampling.update(num_steps=3, cfg_scale=4.0)  # The random generator has no default.
-    if config.grpo.sde_window:
-      config.grpo.sde_window = (0, 2)  # Within the 3 steps.
+    if config.sampling.sde_window:
+      config.sampling.sde_window = (0, 2)  # Within the 3 steps.
     config.grpo.update(prompts_per_step=2, group_size=8, topk=2)
     config.train.update(steps=2, checkpoint_every=1, num_minibatches=1)
     config.eval.update(every_steps=0, num_prompts=4, num_steps=2)

@@ -132,3 +132,41 @@ def flux_model(**overrides: Any) -> dict[str, Any]:
   )
   model.update(overrides)
   return model
+
+
+def grpo_sampling(num_steps: int, **overrides: Any) -> dict[str, Any]:
+  """The `config.sampling` section of GRPO jobs: the rollout's schedule and its stochastic window
+  (`rl.steps.sde_window`). `overrides` replace or add fields."""
+  sampling = dict(
+    num_steps=num_steps,  # Rollout steps on the FLUX schedule.
+    guidance=1.0,  # The distilled guidance value (models with guidance embeddings).
+    cfg_scale=-1.0,  # True CFG against the empty prompt; < 0: the generator's own setting.
+    sde_type="sde",  # Flow-GRPO's Euler-Maruyama step, or "cps" (coefficients-preserving).
+    sde_window=(),  # Steps [start, end) that may be stochastic; empty: all but the last (ODE).
+    # "fixed": the whole window every step; "branch" (Flow-GRPO-Fast): `sde_window_size` steps at a
+    # random start in it (ODE before: shared by a group with grpo.same_initial_noise); "sliding"
+    # (MixGRPO): `sde_window_size` steps that move one step later every `sde_window_every` steps.
+    sde_window_mode="fixed",
+    sde_window_size=0,
+    sde_window_every=1,
+  )
+  sampling.update(overrides)
+  return sampling
+
+
+def grpo_reward_mix(**overrides: Any) -> dict[str, Any]:
+  """The fields of `config.reward` that say which rewards drive GRPO (`rl.rewards`)."""
+  mix = dict(
+    # name -> weight of the rewards that drive the advantages; all 0: `train_on` alone.
+    weights=dict(spatial_score=0.0, oracle=0.0, oracle_soft=0.0, objects=0.0, brightness=0.0),
+    aggregate="advantage",  # Normalise each reward in its group, then weight; or "sum".
+    scorers={},  # Other rewards: name -> "module:function" (images, prompts) -> (N,) scores.
+  )
+  mix.update(overrides)
+  return mix
+
+
+def early_stop() -> dict[str, Any]:
+  """`config.train.early_stop` of GRPO jobs: stop when, over the last `window` steps against the
+  `window` before, the rollouts' `proxy` reward rose while the `gold` one fell by > `tolerance`."""
+  return dict(window=0, proxy="spatial_score", gold="oracle", tolerance=0.02)

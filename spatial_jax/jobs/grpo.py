@@ -72,6 +72,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     _count(frozen) / 1e6,
   )
   reward_fns = rewards_lib.make_rewards(config, mesh)
+  rule = config.train.get("early_stop")
+  if rule and rule.window and not {rule.proxy, rule.gold} <= set(reward_fns):
+    raise ValueError(
+      f"config.train.early_stop compares {rule.proxy!r} with {rule.gold!r}, but the rewards of "
+      f"this run are {sorted(reward_fns)}."
+    )
   prompts = loop.prompt_source(config)
 
   # -- Phases --------------------------------------------------------------------------------
@@ -165,14 +171,43 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   start_time = time.time()
   step = start_step
   last_eval: dict[str, float] = {}
+  stopped_early = ""
+  uses_cfg = policy.cfg_scale != 1.0
+
+  def evaluations(step: int, kept: int) -> dict[str, float]:
+    """Model evaluations of this step (`nfe/`) and since step 1 (a resumed run recounts)."""
+    per_step = steps_lib.evaluations_per_step
+    now = per_step(config, config.sampling.num_steps, step, kept, uses_cfg)
+    now["nfe/cumulative"] = sum(
+      per_step(config, config.sampling.num_steps, s, kept, uses_cfg)["nfe/total"]
+      for s in range(1, step + 1)
+    )
+    return {k: float(v) for k, v in now.items()}
+
+  def early_stop(history: metrics.History) -> str:
+    """Why to stop now (`train.early_stop`: the proxy reward rises while the gold one falls on
+    the rollouts), or ""."""
+    rule = config.train.get("early_stop")
+    if not rule or not rule.window:
+      return ""
+    proxy, gold = (
+      [v for _, v in history.rows.get(f"train/reward_{name}", [])]
+      for name in (rule.proxy, rule.gold)
+    )
+    if loop.proxy_rises_gold_falls(proxy, gold, rule.window, rule.tolerance):
+      return (
+        f"over the last {rule.window} steps the rollouts' {rule.proxy} rose while {rule.gold} "
+        f"fell by more than {rule.tolerance} (train.early_stop)"
+      )
+    return ""
+
   try:
     with sharding.use_mesh(mesh, rules):
       for step in range(start_step + 1, t.steps + 1):
         key = jax.random.fold_in(rng, step)
         timer = time.perf_counter()
-        roll = loop.rollout(
-          phases, policy, trainable, frozen, prompts.train(step, config.grpo.prompts_per_step), key
-        )
+        step_prompts = prompts.train(step, config.grpo.prompts_per_step)
+        roll = loop.rollout(phases, policy, trainable, frozen, step_prompts, key, step)
         rollout_secs, timer = time.perf_counter() - timer, time.perf_counter()
         scored = loop.score(phases, roll, reward_fns, config)
         reward_secs, timer = time.perf_counter() - timer, time.perf_counter()
@@ -185,14 +220,20 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         scalars.update(
           {"time/rollout_s": rollout_secs, "time/reward_s": reward_secs, "time/train_s": train_secs}
         )
+        scalars.update(evaluations(step, int(np.sum(scored.mask))))
         writer.write_scalars(step, scalars)
         history.add(step, scalars)
         progress(step)
+        stop = early_stop(history)
         if (config.eval.every_steps and step % config.eval.every_steps == 0) or step == t.steps:
           last_eval = evaluate(step)
           history.add(step, last_eval)
         ckpt.save(step, params=trainable, opt_state=opt_state, rng=rng)
         history.save(workdir)
+        if stop:
+          logging.warning("Stopping at step %d: %s", step, stop)
+          stopped_early, last_eval = stop, {}  # Evaluated below, at this step.
+          break
     ckpt.save(step, params=trainable, opt_state=opt_state, rng=rng, force=True)
   finally:
     ckpt.close()
@@ -228,7 +269,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     before=before,
     after=last_eval,
     policy=policy.source,
-    reward=config.reward.train_on,
+    reward=rewards_lib.reward_weights(config),
+    stopped_early=stopped_early,
     final=final,
   )
   history.save(workdir)

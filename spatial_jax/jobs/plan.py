@@ -316,11 +316,15 @@ def grpo_program(config: Any, row: Any, mesh, rules) -> dict[str, Any]:
       advantages=((b,), jnp.float32),
       mask=((b,), jnp.bool_),
     )
+    if "means" in loop.batch_keys(config):
+      shapes["means"] = ((steps, b, tokens, channels), jnp.float32)
     batch = {
       k: _batch(shape, dt, mesh, rules, axis=loop.BATCH_AXES[k])
       for k, (shape, dt) in shapes.items()
     }
     batch.update(prompt_embeds=prompt_embeds, pooled=pooled)
+    batch = {k: batch[k] for k in loop.batch_keys(config)}
+    batch["timesteps"] = _abstract((len(phases.timesteps),), jnp.int32, mesh)
     fn, args = phases.train, (trainable, abstract_opt_state(tx, trainable), frozen, batch)
     shape = f"{b} samples, {size}px, {len(phases.timesteps)} timesteps"
   return dict(fn=fn, args=args, trainable=trainable, frozen=frozen, shape=shape)

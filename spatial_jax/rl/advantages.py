@@ -126,6 +126,50 @@ def topk_group_advantages(
   return jnp.where(mask, advantages, 0.0), mask
 
 
+AGGREGATES = ("advantage", "sum")
+
+
+def aggregate_rewards(
+  rewards: dict[str, jax.Array], weights: dict[str, float], aggregate: str, eps: float = 1e-4
+) -> jax.Array:
+  """Several rewards of a rollout as the one (P, G) reward that the group advantages take.
+
+  - `aggregate="sum"`: the weighted sum of the raw rewards (Flow-GRPO's multi-reward sum).
+  - `aggregate="advantage"`: each reward normalised within its group first,
+    `(r - mean_g) / (std_g + eps)`, then the weighted sum (MixGRPO's `advantage_aggr`, GDPO), so a
+    reward's weight does not depend on its scale or spread; a group where a reward is constant
+    contributes 0 for that reward.
+
+  Args:
+    rewards: name -> (P, G) rewards.
+    weights: name -> weight, for the names to combine (each must be in `rewards`).
+    aggregate: "advantage" or "sum".
+    eps: added to each group std.
+
+  Returns:
+    The (P, G) float32 combined reward.
+
+  Raises:
+    ValueError: on an unknown `aggregate`, no weights, or a weighted reward that is missing.
+  """
+  if aggregate not in AGGREGATES:
+    raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+  if not weights:
+    raise ValueError("aggregate_rewards needs at least one weighted reward")
+  missing = sorted(set(weights) - set(rewards))
+  if missing:
+    raise ValueError(f"rewards {missing} have weights but were not computed")
+  total = None
+  for name, weight in weights.items():
+    r = jnp.asarray(rewards[name], jnp.float32)
+    if aggregate == "advantage":
+      all_samples = jnp.ones(r.shape, bool)
+      r = (r - _masked_mean(r, all_samples, 1)) / (_masked_std(r, all_samples, 1) + eps)
+    term = jnp.float32(weight) * r
+    total = term if total is None else total + term
+  return total
+
+
 def group_pair_agreement(
   proxy: jax.Array, gold: jax.Array, worse: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:

@@ -6,6 +6,17 @@ elements, grpo.md §1.2), the step's Gaussian `mean` and its `std`. The loss is 
 surrogate on the ratio `exp(log_prob - old_log_prob)` plus an optional KL penalty to the reference
 (LoRA-off) policy, averaged over the samples that top-k filtering kept (grpo.md §4).
 
+Two over-optimisation controls of Flow-GRPO's successors (peers_2026.md) are options of the loss:
+
+- `ratio_norm` (GRPO-Guard, arXiv 2510.22319, as verl-omni documents it): with `s = std sqrt(|dt|)`
+  the step's standard deviation, the log-ratio of a Gaussian step is
+  `eps (mu - mu_old) / s - (mu - mu_old)^2 / (2 s^2)` per element: its second term biases the ratio
+  below 1 and its first grows as `1 / s` at the sharp, late steps. RatioNorm adds the bias back,
+  `b = mean((mu - mu_old)^2) / (2 s^2)`, and rescales, `r = exp((log_prob - old_log_prob + b) s)`,
+  and the step's loss is weighted by `1 / |dt|` so that every step's gradient has the same scale.
+- `kl_target="velocity"`: the penalty `0.5 mean((v - v_ref)^2)` on the velocities rather than the
+  Gaussian KL of the step means (the "v-based" KL of the peers).
+
 All functions are pure and compute in float32, whatever the input dtype (the SDE math is fp32 in
 Flow-GRPO as well, and the ratios sit within ~1e-4 of 1, below bf16's resolution).
 """
@@ -22,6 +33,7 @@ import jax.numpy as jnp
 _MIN_VARIANCE = 1e-20
 
 _KL_FORMS = ("exact", "flow_grpo")
+KL_TARGETS = ("mean", "velocity")
 
 
 def _f32(x: Any) -> jax.Array:
@@ -61,11 +73,57 @@ def clipped_policy_loss(
     The per-sample loss, float32, with the broadcast shape of the inputs.
   """
   old_log_prob = jax.lax.stop_gradient(_f32(old_log_prob))
+  return _clipped_surrogate(_f32(log_prob) - old_log_prob, advantages, clip_range)
+
+
+def _clipped_surrogate(log_ratio: jax.Array, advantages: jax.Array, clip_range: float):
   advantages = jax.lax.stop_gradient(_f32(advantages))
-  ratio = jnp.exp(_f32(log_prob) - old_log_prob)
+  ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
   return jnp.maximum(unclipped, clipped)
+
+
+def _per_sample_value(x: jax.Array, batch: int) -> jax.Array:
+  """A scalar, (B,) or (B, 1, ...) per-sample value as (B,)."""
+  x = _f32(x)
+  return jnp.broadcast_to(x.reshape(x.shape[:1] if x.ndim else ()), (batch,))
+
+
+def normalized_log_ratio(
+  log_prob: jax.Array,
+  old_log_prob: jax.Array,
+  mean: jax.Array,
+  old_mean: jax.Array,
+  std: jax.Array,
+  dt: jax.Array | float,
+) -> jax.Array:
+  """GRPO-Guard's RatioNorm: `(log_prob - old_log_prob + b) * s`, (B,) float32.
+
+  `s = std * sqrt(|dt|)` (per sample) and `b = mean_dims((mean - old_mean)^2) / (2 s^2)`, the
+  bias of the Gaussian step's log-ratio (module docstring). `old_mean` is the sampling policy's
+  step mean (no gradient flows into it, nor into `std` and `dt`). A zero-noise step (s = 0) gives
+  0: it has no density and nothing to normalise.
+  """
+  mean = _f32(mean)
+  batch = mean.shape[0]
+  old_mean = jax.lax.stop_gradient(_f32(old_mean))
+  scale = _per_sample_value(jax.lax.stop_gradient(_f32(std)), batch) * jnp.sqrt(
+    jnp.abs(_per_sample_value(jax.lax.stop_gradient(_f32(dt)), batch))
+  )
+  stochastic = scale > 0
+  safe_scale = jnp.where(stochastic, scale, 1.0)
+  bias = jnp.square(mean - old_mean).mean(axis=tuple(range(1, mean.ndim))) / (2 * safe_scale**2)
+  log_ratio = _f32(log_prob) - jax.lax.stop_gradient(_f32(old_log_prob))
+  return jnp.where(stochastic, (log_ratio + bias) * safe_scale, 0.0)
+
+
+def velocity_kl(velocity: jax.Array, ref_velocity: jax.Array) -> jax.Array:
+  """`0.5 * mean_dims((v - v_ref)^2)`, (B,) float32: the KL between unit Gaussians centred on the
+  two velocities, per element (no gradient into `ref_velocity`)."""
+  velocity = _f32(velocity)
+  ref_velocity = jax.lax.stop_gradient(_f32(ref_velocity))
+  return 0.5 * jnp.square(velocity - ref_velocity).mean(axis=tuple(range(1, velocity.ndim)))
 
 
 def kl_to_reference(
@@ -132,6 +190,11 @@ def grpo_loss(
   std: jax.Array | None = None,
   dt: jax.Array | float | None = None,
   kl_form: str = "exact",
+  kl_target: str = "mean",
+  velocity: jax.Array | None = None,
+  ref_velocity: jax.Array | None = None,
+  ratio_norm: bool = False,
+  old_mean: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO loss of one timestep: mean over kept samples of clipped surrogate + beta * KL.
 
@@ -153,6 +216,13 @@ def grpo_loss(
     std: the step's `std_t` (without `sqrt(-dt)`), for the KL.
     dt: `sigma_next - sigma`, for `kl_form="exact"`.
     kl_form: "exact" or "flow_grpo"; see `kl_to_reference`.
+    kl_target: "mean" (the KL of the step means, `kl_to_reference`) or "velocity"
+      (`velocity_kl`, which needs `velocity` and `ref_velocity`).
+    velocity: (B, ...) the policy's velocity, for `kl_target="velocity"`.
+    ref_velocity: (B, ...) the reference's velocity, for `kl_target="velocity"`.
+    ratio_norm: GRPO-Guard's ratio normalisation (`normalized_log_ratio`) and its `1 / |dt|`
+      weight of the policy loss; needs `mean`, `old_mean`, `std` and `dt`.
+    old_mean: (B, ...) the sampling policy's step mean, for `ratio_norm`.
 
   Returns:
     `(loss, metrics)`: a float32 scalar and a dict of float32 scalars over the kept samples:
@@ -161,10 +231,13 @@ def grpo_loss(
     `ratio_min`, `ratio_max`, and `kept_fraction` (kept / B). With nothing kept, all are 0.
 
   Raises:
-    ValueError: on a negative Python `beta`, or a KL without its inputs.
+    ValueError: on a negative Python `beta`, an unknown `kl_target`, or a KL or a ratio
+      normalisation without its inputs.
   """
   if isinstance(beta, int | float) and beta < 0:
     raise ValueError(f"beta must be >= 0, got {beta}")
+  if kl_target not in KL_TARGETS:
+    raise ValueError(f"kl_target must be one of {KL_TARGETS}, got {kl_target!r}")
   mask = jnp.asarray(mask, dtype=bool)
   log_prob = _f32(log_prob)
   old_log_prob = jax.lax.stop_gradient(_f32(old_log_prob))
@@ -172,13 +245,33 @@ def grpo_loss(
   # through jnp.where's unselected branch.
   log_prob_kept = jnp.where(mask, log_prob, 0.0)
   old_log_prob_kept = jnp.where(mask, old_log_prob, 0.0)
-  policy = clipped_policy_loss(
-    log_prob_kept, old_log_prob_kept, jnp.where(mask, _f32(advantages), 0.0), clip_range
-  )
+  log_ratio = log_prob_kept - old_log_prob_kept
+  if ratio_norm:
+    if mean is None or old_mean is None or std is None or dt is None:
+      raise ValueError("ratio_norm needs mean, old_mean, std and dt")
+    latent_mask = _per_sample(mask, _f32(mean).ndim)
+    log_ratio = normalized_log_ratio(
+      log_prob_kept,
+      old_log_prob_kept,
+      jnp.where(latent_mask, _f32(mean), 0.0),
+      jnp.where(latent_mask, _f32(old_mean), 0.0),
+      std,
+      dt,
+    )
+  policy = _clipped_surrogate(log_ratio, jnp.where(mask, _f32(advantages), 0.0), clip_range)
+  if ratio_norm:  # GRPO-Guard's gradient reweight: the same scale at every step.
+    policy = policy / jnp.abs(_per_sample_value(jax.lax.stop_gradient(_f32(dt)), mask.shape[0]))
   per_sample = policy
 
   compute_kl = not (isinstance(beta, int | float) and beta == 0)
-  if compute_kl:
+  if compute_kl and kl_target == "velocity":
+    if velocity is None or ref_velocity is None:
+      raise ValueError('beta > 0 with kl_target="velocity" needs velocity and ref_velocity')
+    latent_mask = _per_sample(mask, _f32(velocity).ndim)
+    kl = velocity_kl(
+      jnp.where(latent_mask, _f32(velocity), 0.0), jnp.where(latent_mask, _f32(ref_velocity), 0.0)
+    )
+  elif compute_kl:
     if mean is None or ref_mean is None or std is None:
       raise ValueError("beta > 0 needs mean, ref_mean and std for the KL")
     mean, ref_mean = _f32(mean), _f32(ref_mean)
@@ -190,13 +283,14 @@ def grpo_loss(
       dt,
       form=kl_form,
     )
+  if compute_kl:
     kl = jnp.where(mask, kl, 0.0)
     per_sample = per_sample + _f32(beta) * kl
     kl_metric = _masked_mean(kl, mask)
   else:
     kl_metric = jnp.zeros((), jnp.float32)
 
-  log_ratio = log_prob_kept - old_log_prob_kept
+  log_ratio = jnp.where(mask, log_ratio, 0.0)
   ratio = jnp.exp(jax.lax.stop_gradient(log_ratio))
   any_kept = mask.any()
   metrics = {

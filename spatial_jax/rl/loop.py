@@ -29,7 +29,7 @@ from spatial_jax.data.prompts import PromptSource
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import text_to_image
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
-from spatial_jax.diffusion.sde import SDETrajectory
+from spatial_jax.diffusion.sde import SDE_TYPES, SDETrajectory
 from spatial_jax.diffusion.text_to_image import TextToImage
 from spatial_jax.rl import advantages as advantages_lib
 from spatial_jax.rl import grpo as grpo_lib
@@ -37,7 +37,14 @@ from spatial_jax.rl import rewards as rewards_lib
 from spatial_jax.rl import steps as steps_lib
 
 # The sample axis of each train-batch entry (the rollout's latents and log-probs lead with steps).
-BATCH_AXES = dict(latents=1, log_probs=1, advantages=0, mask=0, prompt_embeds=0, pooled=0)
+# `means` is there only with `grpo.ratio_norm`; a batch also carries its `timesteps` (replicated).
+BATCH_AXES = dict(latents=1, log_probs=1, advantages=0, mask=0, prompt_embeds=0, pooled=0, means=1)
+
+
+def batch_keys(config: Any) -> tuple[str, ...]:
+  """The sample-split entries of a train batch under `config`."""
+  keys = [k for k in BATCH_AXES if k != "means"]
+  return tuple(keys + ["means"]) if config.grpo.get("ratio_norm", False) else tuple(keys)
 
 
 def check_config(config: Any, batch_shards: int) -> None:
@@ -59,6 +66,14 @@ def check_config(config: Any, batch_shards: int) -> None:
   if "num_long_prompts" in config.eval:
     configs_lib.check_sizes(config, {"eval.num_long_prompts": 0})
   g, t = config.grpo, config.train
+  steps_lib.sde_window(config, config.sampling.num_steps)  # Clear errors for a bad window.
+  if config.sampling.get("sde_type", "sde") not in SDE_TYPES:
+    raise ValueError(
+      f"config.sampling.sde_type={config.sampling.sde_type!r}; use one of {SDE_TYPES}."
+    )
+  if g.get("kl_target", "mean") not in grpo_lib.KL_TARGETS:
+    raise ValueError(f"config.grpo.kl_target={g.kl_target!r}; use one of {grpo_lib.KL_TARGETS}.")
+  rewards_lib.reward_weights(config)  # Clear errors for unknown rewards or aggregations.
   if g.group_size < 2:
     raise ValueError(f"config.grpo.group_size={g.group_size}: a group needs >= 2 samples.")
   topk = kept_topk(config)
@@ -113,12 +128,15 @@ class Phases:
       first two.
     sample: (params, frozen, prompt_embeds, pooled, noise) -> packed latents (ODE, evaluation).
     put: (host array, batch axis) -> the array on the mesh, split over `act_batch` on that axis.
+    replicate: host array -> the array on the mesh, replicated.
     take: (array on the mesh, row indices, batch axis) -> those rows, split as `put` splits;
       works on arrays that span processes.
     final: the rollout's latents (S + 1, N, ...) -> the last step's (N, ...), split by rows.
     process_rows: n -> the block of n host rows this process scores (None: one process).
     sigmas / eval_sigmas: the rollout's and the evaluation's schedules.
-    timesteps: the trained SDE steps.
+    timesteps: the trained SDE steps of the first training step.
+    window: training step -> its rollout's stochastic steps (start, end) (`steps.sde_window`).
+    step_timesteps: training step -> its trained SDE steps (`steps.trained_timesteps`).
     decode_chunk: images decoded per call (the reward batch, a multiple of the batch shards).
     group_size: G, samples per prompt.
   """
@@ -127,12 +145,15 @@ class Phases:
   train: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
   sample: Callable[..., jax.Array]
   put: Callable[..., jax.Array]
+  replicate: Callable[[Any], jax.Array]
   take: Callable[..., jax.Array]
   final: Callable[[jax.Array], jax.Array]
   process_rows: Callable[[int], slice | None]
   sigmas: jax.Array
   eval_sigmas: jax.Array
   timesteps: tuple[int, ...]
+  window: Callable[[int], tuple[int, int]]
+  step_timesteps: Callable[[int], tuple[int, ...]]
   decode_chunk: int
   group_size: int
 
@@ -178,10 +199,18 @@ def jit_phases(
     "mask": split(1),
     "prompt_embeds": embeds_sh[0],
     "pooled": embeds_sh[1],
+    "means": split(4, 1),
   }
+  batch_sh = {k: batch_sh[k] for k in batch_keys(config)}
+  batch_sh["timesteps"] = replicated
+  num_steps = config.sampling.num_steps
+  first_window = steps_lib.sde_window(config, num_steps, 1)
+  # The window is a static argument (one compilation per distinct window; a branching rollout's
+  # shapes depend on it), the last, with the first step's window as its default.
   rollout_fn = jax.jit(
-    steps_lib.make_rollout(graphdef, policy, sigmas, config),
+    steps_lib.make_rollout(graphdef, policy, sigmas, config, first_window),
     in_shardings=(trainable_sh, frozen_sh, *embeds_sh, replicated),
+    static_argnums=(5,),
   )
   train_fn = jax.jit(
     steps_lib.make_train_step(graphdef, tx, policy, sigmas, timesteps, config),
@@ -198,12 +227,15 @@ def jit_phases(
     train=train_fn,
     sample=sample_fn,
     put=put,
+    replicate=lambda x: sharding.place(x, replicated),
     take=take,
     final=jax.jit(lambda latents: latents[-1], out_shardings=split(3)),
     process_rows=lambda n: sharding.process_rows(n, mesh, rules),
     sigmas=sigmas,
     eval_sigmas=eval_sigmas,
     timesteps=timesteps,
+    window=lambda step: steps_lib.sde_window(config, num_steps, step),
+    step_timesteps=lambda step: steps_lib.trained_timesteps(config, num_steps, step),
     decode_chunk=-(-config.reward.batch_size // batch_shards) * batch_shards,
     group_size=config.grpo.group_size,
   )
@@ -229,7 +261,7 @@ class Scored:
   """Every reward of a rollout and the group advantages of the trained one."""
 
   rewards: dict[str, np.ndarray]  # name -> (P * G,)
-  reward: jax.Array  # (P, G): the one `reward.train_on` names
+  reward: jax.Array  # (P, G): the trained reward (the weighted rewards combined)
   advantages: jax.Array  # (P, G)
   mask: jax.Array  # (P, G) bool: the kept (trained) samples
 
@@ -241,15 +273,17 @@ def rollout(
   frozen: Any,
   step_prompts: Sequence[str],
   key: jax.Array,
+  step: int = 1,
 ) -> Rollout:
-  """Prompts -> G SDE samples per prompt (no gradients) -> decoded uint8 images (in chunks: a
-  VAE decode of P x G large images at once is costly)."""
+  """Prompts -> G SDE samples per prompt (no gradients; the stochastic window of training step
+  `step`) -> decoded uint8 images (in chunks: a VAE decode of P x G large images at once is
+  costly)."""
   G = phases.group_size
   group_prompts = [p for p in step_prompts for _ in range(G)]
   prompt_embeds, pooled = (
     phases.put(jnp.repeat(x, G, axis=0)) for x in policy.encode(list(step_prompts))
   )
-  traj = phases.rollout(trainable, frozen, prompt_embeds, pooled, key)
+  traj = phases.rollout(trainable, frozen, prompt_embeds, pooled, key, phases.window(step))
   images = decode_images(phases, policy, phases.final(traj.latents))
   return Rollout(list(step_prompts), group_prompts, prompt_embeds, pooled, traj, images)
 
@@ -305,11 +339,18 @@ def score_images(
 
 
 def score(phases: Phases, roll: Rollout, reward_fns: Mapping[str, Callable], config: Any) -> Scored:
-  """Every reward on the decoded images (`score_images`); top-k group advantages of
-  `reward.train_on`'s."""
+  """Every reward on the decoded images (`score_images`); the weighted rewards combined
+  (`rewards.reward_weights`, `advantages.aggregate_rewards`; one reward is taken as it is) and
+  their top-k group advantages."""
   g = config.grpo
   rewards = score_images(phases, reward_fns, roll.images, roll.group_prompts)
-  reward = jnp.asarray(rewards[config.reward.train_on]).reshape(len(roll.prompts), -1)
+  weights = rewards_lib.reward_weights(config)
+  grouped = {k: jnp.asarray(rewards[k]).reshape(len(roll.prompts), -1) for k in weights}
+  if len(weights) == 1:
+    reward = next(iter(grouped.values()))
+  else:
+    aggregate = config.reward.get("aggregate", "advantage")
+    reward = advantages_lib.aggregate_rewards(grouped, weights, aggregate, eps=g.adv_eps)
   advantages, mask = advantages_lib.topk_group_advantages(
     reward, kept_topk(config), stats=g.stats, std=g.std, eps=g.adv_eps, clip=g.adv_clip
   )
@@ -332,11 +373,15 @@ def minibatches(
       log_probs=traj.log_probs,
       prompt_embeds=roll.prompt_embeds,
       pooled=roll.pooled,
+      means=traj.means,
     )
-    batch = {k: phases.take(v, idx, BATCH_AXES[k]) for k, v in on_mesh.items()}
+    keys = batch_keys(config)
+    batch = {k: phases.take(v, idx, BATCH_AXES[k]) for k, v in on_mesh.items() if k in keys}
     batch["advantages"] = phases.put(advantages[idx])
     batch["mask"] = phases.put(np.ones(len(idx), bool))
-    batches.append({k: batch[k] for k in BATCH_AXES})
+    batch = {k: batch[k] for k in keys}
+    batch["timesteps"] = phases.replicate(np.asarray(phases.step_timesteps(step), np.int32))
+    batches.append(batch)
   return batches
 
 
@@ -367,6 +412,21 @@ def merge_minibatch_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]
     else:
       merged[k] = values.mean()
   return merged
+
+
+def proxy_rises_gold_falls(
+  proxy: Sequence[float], gold: Sequence[float], window: int, tolerance: float
+) -> bool:
+  """The gold-vs-proxy stop rule (`train.early_stop`): over the last `window` steps against the
+  `window` before them, the proxy reward's mean rose while the gold reward's fell by more than
+  `tolerance`: the policy is being paid for something the ground truth does not reward. False
+  with fewer than 2 x `window` values or `window` <= 0."""
+  if window <= 0 or min(len(proxy), len(gold)) < 2 * window:
+    return False
+  proxy, gold = np.asarray(proxy[-2 * window :]), np.asarray(gold[-2 * window :])
+  proxy_rose = proxy[window:].mean() > proxy[:window].mean()
+  gold_fell = gold[window:].mean() < gold[:window].mean() - tolerance
+  return bool(proxy_rose and gold_fell)
 
 
 def step_scalars(aux: Mapping[str, Any], scored: Scored) -> dict[str, float]:

@@ -7,17 +7,25 @@
   the host rewards are computed, so the two overlap.
 - `oracle_soft`: the oracle's graded verdict (`oracle.soft_fraction`): a dense version of
   `oracle` for training, with the same ground truth.
-- `brightness`: the mean pixel value, only when `train_on` names it: a dense sanity reward.
+- `brightness`: the mean pixel value, only when it is trained on: a dense sanity reward.
 - `oracle`: the synthetic world's rule-based checker (the fraction of the prompt's relations
   the image satisfies), the GenEval-like reward of the Flow-GRPO baseline. It reads prompts of
   the scene grammar only.
+- `objects`: the fraction of the prompt's objects that the oracle's colour detector finds: a
+  detector-style quality reward (GenEval's object and counting checks) that falls when images
+  degrade, blind to where the objects are (computed when it is trained on).
+- `reward.scorers`: any other scorer, name -> "module:function" with the signature of the
+  rewards here (uint8 images (N, H, W, 3), prompts) -> (N,) float: the hook for real images'
+  quality models.
 
-Every available reward is computed and logged on each rollout; `reward.train_on` names the one
-the advantages use.
+Every available reward is computed and logged on each rollout. The advantages use
+`reward.weights` (name -> weight; the non-zero ones are combined by `reward.aggregate`,
+`advantages.aggregate_rewards`), or, when every weight is 0, `reward.train_on` alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -29,8 +37,32 @@ from absl import logging
 
 from spatial_jax.data import oracle, scenes
 
-REWARDS = ("spatial_score", "oracle", "oracle_soft", "brightness")
+REWARDS = ("spatial_score", "oracle", "oracle_soft", "objects", "brightness")
 RewardFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
+
+
+def reward_weights(config: Any) -> dict[str, float]:
+  """name -> weight of the rewards that drive the advantages: the non-zero `reward.weights`, or
+  `{reward.train_on: 1.0}` when there are none.
+
+  Raises:
+    ValueError: an unknown reward name, a negative weight, or an unknown `reward.aggregate`.
+  """
+  from spatial_jax.rl.advantages import AGGREGATES
+
+  r = config.reward
+  known = (*REWARDS, *r.get("scorers", {}))
+  weights = {k: float(v) for k, v in dict(r.get("weights", {})).items() if float(v) != 0.0}
+  if not weights:
+    weights = {r.train_on: 1.0}
+  for name, weight in weights.items():
+    if name not in known:
+      raise ValueError(f"config.reward: unknown reward {name!r}; use one of {known}.")
+    if weight < 0:
+      raise ValueError(f"config.reward.weights.{name}={weight}: weights must be >= 0.")
+  if r.get("aggregate", "advantage") not in AGGREGATES:
+    raise ValueError(f"config.reward.aggregate={r.aggregate!r}; use one of {AGGREGATES}.")
+  return weights
 
 
 def oracle_soft_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
@@ -41,6 +73,32 @@ def oracle_soft_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray
     scene = scenes.parse_prompt(prompt)
     out.append(oracle.soft_fraction(oracle.check_scene(image, scene), scene))
   return np.array(out, np.float32)
+
+
+def objects_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+  """Fraction of each prompt's objects the oracle's colour detector finds, (N,) float32."""
+  return np.array(
+    [np.mean(oracle.score_prompt(im, p).found) for im, p in zip(images, prompts, strict=True)],
+    np.float32,
+  )
+
+
+def load_scorer(path: str) -> RewardFn:
+  """A reward function from "module:function" (`reward.scorers`).
+
+  Raises:
+    ValueError: the path is not "module:function", or names nothing importable.
+  """
+  module_name, _, fn_name = path.partition(":")
+  if not module_name or not fn_name:
+    raise ValueError(f"config.reward.scorers: {path!r} is not 'module:function'.")
+  try:
+    fn = getattr(importlib.import_module(module_name), fn_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"config.reward.scorers: cannot load {path!r}: {e}") from e
+  if not callable(fn):
+    raise ValueError(f"config.reward.scorers: {path!r} is not callable.")
+  return fn
 
 
 def brightness_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
@@ -119,11 +177,13 @@ def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
   """name -> fn(images uint8 (N, H, W, 3), prompts) -> (N,) float32, for each available reward.
 
   Raises:
-    ValueError: `reward.train_on` is not a known reward, or is not available with this config.
+    ValueError: a weighted reward (or `reward.train_on`) is unknown, or is not available with
+      this config.
   """
   r = config.reward
   if r.train_on not in REWARDS:
     raise ValueError(f"config.reward.train_on={r.train_on!r}; use one of {REWARDS}.")
+  weights = reward_weights(config)
   fns: dict[str, RewardFn] = {}
   model = None
   if is_remote(r.spatial_score):
@@ -140,15 +200,20 @@ def make_rewards(config: Any, mesh: jax.sharding.Mesh) -> dict[str, RewardFn]:
   if r.oracle:
     fns["oracle"] = oracle_reward
     fns["oracle_soft"] = oracle_soft_reward
-  if r.train_on == "brightness":
+    if "objects" in weights:  # Else the evaluation's `oracle_objects` already reports it.
+      fns["objects"] = objects_reward
+  if "brightness" in weights:
     fns["brightness"] = brightness_reward
-  if r.train_on not in fns:
-    raise ValueError(
-      f"config.reward.train_on={r.train_on!r} but that reward is not available: set "
-      + (
-        "config.reward.spatial_score (a reward_train workdir or export)"
-        if r.train_on == "spatial_score"
-        else "config.reward.oracle=True (synthetic prompts only)"
+  for name, path in dict(r.get("scorers", {})).items():
+    fns[name] = load_scorer(path)
+  for name in weights:
+    if name not in fns:
+      raise ValueError(
+        f"config.reward: the {name!r} reward drives training but is not available: set "
+        + (
+          "config.reward.spatial_score (a reward_train workdir or export)"
+          if name == "spatial_score"
+          else "config.reward.oracle=True (synthetic prompts only)"
+        )
       )
-    )
   return fns

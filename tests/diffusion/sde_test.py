@@ -268,3 +268,77 @@ def test_sampler_determinism_and_distinct_noise():
     )
     eps.append((e.latents[j + 1] - mean) / (std * np.sqrt(SIGMAS[j] - SIGMAS[j + 1])))
   assert not np.allclose(eps[0], eps[1], atol=1e-2)
+
+
+def _reference_cps_step(x, v, sigma, sigma_next, a, eps):
+  """FlowCPS (grpo.md §1.7) in float64, with the true Gaussian log-density."""
+  x, v, eps = (np.asarray(t, np.float64) for t in (x, v, eps))
+  scale = sigma_next * np.sin(a * np.pi / 2)
+  mean = (1 - sigma_next) * (x - sigma * v) + np.sqrt(sigma_next**2 - scale**2) * (
+    x + (1 - sigma) * v
+  )
+  prev = mean + scale * eps
+  log_prob = -((prev - mean) ** 2) / (2 * scale**2) - np.log(scale) - np.log(np.sqrt(2 * np.pi))
+  return prev, log_prob.reshape(len(x), -1).mean(axis=1), mean, scale
+
+
+@pytest.mark.parametrize(
+  "sigma,sigma_next,a", [(1.0, 0.9, 0.8), (0.7, 0.45, 0.5), (0.2, 0.05, 1.0)]
+)
+def test_cps_step_matches_numpy_reference(sigma, sigma_next, a):
+  x, v, eps = _arrays(3)
+  want_prev, want_lp, want_mean, scale = _reference_cps_step(x, v, sigma, sigma_next, a, eps)
+  prev, log_prob, mean, std = sde_step_with_logprob(
+    x, v, sigma, sigma_next, a, noise=jnp.asarray(eps), sde_type="cps"
+  )
+  np.testing.assert_allclose(prev, want_prev, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(log_prob, want_lp, rtol=1e-5, atol=1e-5)
+  # `std` excludes sqrt(-dt), as the SDE step's: std * sqrt(-dt) is the step's std.
+  np.testing.assert_allclose(std * np.sqrt(sigma - sigma_next), scale, rtol=1e-6)
+  # Scoring the sampled latents gives the sampled log-prob back.
+  _, scored, _, _ = sde_step_with_logprob(
+    x, v, sigma, sigma_next, a, prev_sample=prev, sde_type="cps"
+  )
+  np.testing.assert_array_equal(scored, log_prob)
+
+
+def test_cps_noise_level_zero_and_last_step_are_the_euler_step():
+  x, v, _ = _arrays(4)
+  for sigma, sigma_next, a in ((0.7, 0.45, 0.0), (0.2, 0.0, 0.8)):
+    prev, log_prob, mean, _ = sde_step_with_logprob(
+      x, v, sigma, sigma_next, a, key=jax.random.key(0), sde_type="cps"
+    )
+    np.testing.assert_allclose(mean, x + (sigma_next - sigma) * v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prev, mean, rtol=0, atol=0)
+    assert not np.asarray(log_prob).any()
+  with pytest.raises(ValueError, match="sde_type"):
+    sde_step_with_logprob(x, v, 0.7, 0.45, 0.5, key=jax.random.key(0), sde_type="dance")
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_sampler_continued_from_a_later_step_is_the_same_trajectory(sde_type):
+  """A trajectory continued from step s (`sigmas[s:]`, `step_offset=s`, the whole schedule's
+  `sigma_max`) is the tail of the whole one: what a branching rollout relies on."""
+  x = jnp.asarray(_arrays(5)[0])
+  key = jax.random.key(3)
+  kw = dict(noise_level=0.7, sde_type=sde_type, keep_means=True)
+  whole = sample_sde(_velocity, x, SIGMAS, key, sde_window=(1, 4), **kw)
+  s = 2
+  tail = sample_sde(
+    _velocity,
+    whole.latents[s],
+    SIGMAS[s:],
+    key,
+    sde_window=(1 - s, 4 - s),
+    sigma_max=SIGMAS[1],
+    step_offset=s,
+    **kw,
+  )
+  np.testing.assert_allclose(tail.latents, whole.latents[s:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(tail.log_probs, whole.log_probs[s:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(tail.stochastic, whole.stochastic[s:])
+  # The recorded means are each step's: latents[j + 1] = means[j] at ODE steps.
+  assert whole.means.shape == (T, B, N, C)
+  np.testing.assert_array_equal(whole.means[0], whole.latents[1])
+  assert sample_sde(_velocity, x, SIGMAS, key, noise_level=0.7).means is None

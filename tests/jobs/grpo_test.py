@@ -17,6 +17,7 @@ from spatial_jax.configs_lib import load_config
 from spatial_jax.diffusion import generator as generator_lib
 from spatial_jax.diffusion import text_to_image
 from spatial_jax.diffusion.schedule import FlowMatchSchedule
+from spatial_jax.diffusion.sde import sample_sde
 from spatial_jax.jobs import grpo as grpo_job
 from spatial_jax.rl import loop, steps
 
@@ -29,23 +30,25 @@ PROMPTS = ["a red circle left of a blue square", "a green star above a yellow tr
 ULP = 2.0**-22
 
 
-def _config(**grpo):
+def _config(sampling=None, **grpo):
   config = load_config(CONFIG, "smoke")
   config.grpo.update(grpo)
+  config.sampling.update(sampling or {})
   config.train.weight_decay = 0.0  # Zero gradients then leave parameters exactly unchanged.
   return config
 
 
-def _phases(config, mesh):
+def _phases(config, mesh, window=None):
   """The policy and the jitted rollout / train step of `config` on `mesh`, plus one rollout of
-  the two PROMPTS x group_size samples."""
+  the two PROMPTS x group_size samples (of `window`, the first step's by default)."""
   rules = sharding.resolve_rules(None)
   policy = text_to_image.load_text_to_image(config, mesh, rules)
   graphdef, trainable, frozen = nnx.split(policy.transformer, nnx.LoRAParam, ...)
   n = config.sampling.num_steps
   sigmas = jnp.asarray(FlowMatchSchedule().sigmas(n, policy.geo.image_seq_len))
   tx = steps.make_optimizer(config)
-  rollout = jax.jit(steps.make_rollout(graphdef, policy, sigmas, config))
+  window = window or steps.sde_window(config, n)
+  rollout = jax.jit(steps.make_rollout(graphdef, policy, sigmas, config, window))
   train_step = jax.jit(
     steps.make_train_step(graphdef, tx, policy, sigmas, steps.trained_timesteps(config, n), config)
   )
@@ -62,10 +65,16 @@ def _phases(config, mesh):
     mask=jnp.ones(advantages.shape, bool),
     prompt_embeds=embeds,
     pooled=pooled,
+    timesteps=jnp.arange(*window, dtype=jnp.int32),
   )
+  if traj.means is not None:
+    batch["means"] = traj.means
   return types.SimpleNamespace(
     mesh=mesh,
     rules=rules,
+    policy=policy,
+    model=nnx.merge(graphdef, trainable, frozen),
+    sigmas=sigmas,
     trainable=trainable,
     frozen=frozen,
     opt_state=opt_state,
@@ -111,6 +120,71 @@ def test_first_update_is_on_policy_kl_is_zero_and_only_lora_b_moves():
   for name in a0:
     np.testing.assert_array_equal(a1[name], a0[name], err_msg=name)
   assert all(not b0[k].any() for k in b0) and any(b1[k].any() for k in b1)
+
+
+def _rows(batch, rows):
+  """The train batch of some of the rollout's samples (the latents lead with steps)."""
+  axes = dict(loop.BATCH_AXES, timesteps=None)
+  return {
+    k: v if axes[k] is None else jnp.take(v, jnp.asarray(rows), axis=axes[k])
+    for k, v in batch.items()
+  }
+
+
+SAMPLERS = {
+  "sde": dict(sampling=dict()),
+  "cps": dict(sampling=dict(sde_type="cps"), noise_level=0.8),
+  "sde_ratio_norm": dict(sampling=dict(), ratio_norm=True),
+  "cps_branch_ratio_norm": dict(
+    sampling=dict(sde_type="cps", sde_window=(0, 3), sde_window_mode="branch", sde_window_size=1),
+    same_initial_noise=True,
+    ratio_norm=True,
+    kl_target="velocity",
+  ),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_first_update_is_on_policy_for_every_sampler_and_batch_size(name):
+  """The first update is on-policy whatever the sampler, the window (a branched one included),
+  the ratio normalisation and the number of samples trained (all 16, an odd 5, one): the ratio
+  is 1 to float32 rounding and the KL to the LoRA-off reference is 0. At the rollout's batch the
+  bound is ULP; another batch size compiles the transformer to other kernels whose sums round
+  differently, a few float32 steps (3e-7 measured for one sample), still 30x below the smallest
+  clip range in use (Flow-GRPO-Fast's 1e-5)."""
+  options = dict(SAMPLERS[name])
+  config = _config(options.pop("sampling"), topk=None, **options)
+  window = (1, 2) if config.sampling.sde_window_mode == "branch" else None
+  p = _phases(config, _single_device_mesh(), window)
+  if window:  # Branched: a group's samples agree up to the window and differ after it.
+    lat = np.asarray(p.traj.latents).reshape(4, 2, 8, -1)
+    assert np.array_equal(lat[:2], np.broadcast_to(lat[:2, :, :1], lat[:2].shape))
+    assert (np.abs(lat[2:, :, 1:] - lat[2:, :, :1]).max(axis=-1) > 1e-4).all()
+  with sharding.use_mesh(p.mesh, p.rules):
+    for rows in (np.arange(16), np.array([0, 3, 4, 9, 15]), np.array([7])):
+      batch = _rows(p.batch, rows)
+      _, _, m = p.train_step(p.trainable, p.opt_state, p.frozen, batch)
+      m = jax.device_get(m)
+      bound = ULP if len(rows) == 16 else 1e-6
+      assert abs(m["ratio_min"] - 1) <= bound and abs(m["ratio_max"] - 1) <= bound, (name, rows)
+      assert m["clipfrac"] == 0.0 and m["kl"] < 1e-10
+
+
+def test_branched_rollout_is_the_unshared_trajectory():
+  """Sharing a group's ODE prefix changes the cost, not the samples: the same keys through one
+  unshared `sample_sde` call give the same trajectory."""
+  sampling = dict(sde_window=(0, 3), sde_window_mode="branch", sde_window_size=1)
+  config = _config(sampling, same_initial_noise=True)
+  p = _phases(config, _single_device_mesh(), window=(2, 3))
+  init_key, sde_key = jax.random.split(jax.random.key(0))
+  x = steps.initial_noise(init_key, 16, p.policy.latent_shape, config)
+  velocity = p.policy.velocity(p.model, p.batch["prompt_embeds"], p.batch["pooled"])
+  want = sample_sde(
+    velocity, x, p.sigmas, sde_key, noise_level=config.grpo.noise_level, sde_window=(2, 3)
+  )
+  np.testing.assert_allclose(p.traj.latents, want.latents, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(p.traj.log_probs, want.log_probs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(p.traj.stochastic, [False, False, True])
 
 
 def test_sharded_train_step_equals_single_device():
@@ -163,9 +237,10 @@ def test_config_errors_name_the_field():
     loop.check_config(_config(prompts_per_step=3), batch_shards=8)
   # The stochastic window: all steps but the last by default, checked against the step count.
   assert steps.sde_window(_config(), 10) == (0, 9)
-  assert steps.trained_timesteps(_config(sde_window=(2, 6), timestep_fraction=0.5), 10) == (2, 3)
+  config = _config(dict(sde_window=(2, 6)), timestep_fraction=0.5)
+  assert steps.trained_timesteps(config, 10) == (2, 3)
   with pytest.raises(ValueError, match="sde_window"):
-    steps.sde_window(_config(sde_window=(0, 11)), 10)
+    steps.sde_window(_config(dict(sde_window=(0, 11))), 10)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +296,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke, tmp_path):
 def test_scene_pool_run_evaluates_other_wordings_and_fresh_scenes(tmp_path):
   config = load_config(CONFIG, "smoke,pool=2")
   assert (config.data.scene_pool, config.data.synthetic.max_relations) == (2, 1)
-  assert config.grpo.same_initial_noise and tuple(config.grpo.sde_window) == (0, 2)
+  assert config.grpo.same_initial_noise and tuple(config.sampling.sde_window) == (0, 2)
   config.train.update(steps=1)
   config.eval.num_prompts = 3
   summary = grpo_job.run(config, str(tmp_path))
@@ -308,3 +383,61 @@ def test_spatial_score_from_a_service_matches_in_process_and_survives_a_restart(
     assert summary[when]["eval/spatial_score"] == pytest.approx(
       smoke[1][when]["eval/spatial_score"], rel=1e-5
     )
+
+
+OPTION_RUNS = {
+  # CPS, Flow-GRPO-Fast branching, GRPO-Guard, velocity KL, EMA, SpatialScore + objects.
+  "cps_branch_guard": dict(
+    sampling=dict(sde_type="cps", sde_window=(0, 3), sde_window_mode="branch", sde_window_size=1),
+    grpo=dict(same_initial_noise=True, ratio_norm=True, kl_target="velocity", noise_level=0.8),
+    train=dict(ema_decay=0.9),
+    reward=dict(weights=dict(spatial_score=1.0, objects=0.5), aggregate="advantage"),
+  ),
+  # MixGRPO's sliding window, a weighted reward sum, the gold-vs-proxy stop armed.
+  "sliding_sum_stop": dict(
+    sampling=dict(sde_window=(0, 3), sde_window_mode="sliding", sde_window_size=2),
+    grpo=dict(),
+    train=dict(early_stop=dict(window=1, proxy="oracle_soft", gold="oracle", tolerance=0.0)),
+    reward=dict(weights=dict(oracle_soft=1.0, objects=1.0), aggregate="sum"),
+  ),
+}
+
+
+@pytest.mark.parametrize("name", OPTION_RUNS)
+def test_smoke_runs_of_the_over_optimisation_controls_and_compute_levers(name, tmp_path):
+  config = load_config(CONFIG, "smoke")
+  for section, values in OPTION_RUNS[name].items():
+    config[section].update(values)
+  summary = grpo_job.run(config, str(tmp_path))
+  history = _history(str(tmp_path))
+  assert summary["reward"] == {k: v for k, v in config.reward.weights.items() if v}
+  steps_run = sorted(history["train/loss"])
+  windows = [steps.sde_window(config, 3, s) for s in steps_run]
+  for s, window in zip(steps_run, windows, strict=True):
+    assert np.isfinite(history["train/loss"][s])
+    # The counted evaluations follow each step's window (8 kept samples; CFG in the smoke).
+    want = steps.evaluations_per_step(config, 3, s, kept=8, cfg=True)
+    assert history["nfe/total"][s] == want["nfe/total"], (s, window)
+  assert history["nfe/cumulative"][steps_run[-1]] == sum(history["nfe/total"].values())
+  if name == "sliding_sum_stop":
+    assert windows[0] == (0, 2) and (len(windows) == 1 or windows[1] == (1, 3))
+    # Stopped at step 2 exactly when the rule holds on the logged rollout means.
+    rule = loop.proxy_rises_gold_falls(
+      [history["train/reward_oracle_soft"][s] for s in (1, 2)],
+      [history["train/reward_oracle"][s] for s in (1, 2)],
+      window=1,
+      tolerance=0.0,
+    )
+    assert bool(summary["stopped_early"]) == rule and summary["step"] == 2
+  else:
+    assert summary["step"] == 2 and not summary["stopped_early"]
+    assert set(summary["after"]) >= {"eval/oracle", "eval/spatial_score"}
+
+
+def test_early_stop_needs_both_rewards(tmp_path):
+  config = load_config(CONFIG, "smoke")
+  config.train.early_stop.window = 5
+  config.reward.oracle = False
+  config.reward.train_on = "spatial_score"
+  with pytest.raises(ValueError, match="early_stop"):
+    grpo_job.run(config, str(tmp_path))

@@ -160,3 +160,31 @@ def test_group_pair_agreement_counts_ordered_pairs_within_groups():
   agreement, pairs = adv_lib.group_pair_agreement(proxy, gold, worse)
   assert int(pairs) == 4 and float(agreement) == 0.5
   assert np.isnan(float(adv_lib.group_pair_agreement(proxy[1:], gold[1:])[0]))
+
+
+@pytest.mark.parametrize("aggregate", ["advantage", "sum"])
+def test_aggregate_rewards_matches_numpy(aggregate):
+  rng = np.random.default_rng(11)
+  rewards = {
+    "spatial_score": rng.normal(-3.0, 2.0, size=(3, 8)),
+    "objects": rng.integers(0, 3, size=(3, 8)) / 2.0,
+  }
+  rewards["objects"][1] = 1.0  # A group where a reward ties: it contributes 0 there.
+  weights = {"spatial_score": 1.0, "objects": 0.5}
+  got = adv_lib.aggregate_rewards(rewards, weights, aggregate)
+  want = np.zeros((3, 8))
+  for name, w in weights.items():
+    r = rewards[name]
+    if aggregate == "advantage":
+      r = (r - r.mean(axis=1, keepdims=True)) / (r.std(axis=1, keepdims=True) + EPS)
+    want += w * r
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if aggregate == "advantage":  # Scale-free: a reward x 10 changes nothing.
+    scaled = dict(rewards, spatial_score=10 * rewards["spatial_score"])
+    np.testing.assert_allclose(
+      adv_lib.aggregate_rewards(scaled, weights, aggregate), got, rtol=1e-4, atol=1e-4
+    )
+  with pytest.raises(ValueError, match="aggregate"):
+    adv_lib.aggregate_rewards(rewards, weights, "mean")
+  with pytest.raises(ValueError, match="oracle"):
+    adv_lib.aggregate_rewards(rewards, {"oracle": 1.0}, aggregate)

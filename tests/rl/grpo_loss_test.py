@@ -228,3 +228,84 @@ def test_reward_metrics():
   np.testing.assert_allclose(got["reward_kept_std"], rewards[mask].std(), rtol=1e-5)
   empty = grpo.reward_metrics(rewards, np.zeros_like(mask))
   assert float(empty["reward_kept_mean"]) == 0.0 and float(empty["reward_kept_std"]) == 0.0
+
+
+def _np_normalized_log_ratio(log_prob, old, mean, old_mean, std, dt):
+  scale = np.float64(std) * np.sqrt(abs(dt))
+  bias = ((np.float64(mean) - old_mean) ** 2).mean(axis=(1, 2)) / (2 * scale**2)
+  return (np.float64(log_prob) - old + bias) * scale
+
+
+def test_ratio_norm_matches_numpy_and_weights_the_step_by_one_over_dt():
+  log_prob, old, adv, mask, mean, _, std, dt = _inputs(3)
+  old_mean = mean + 0.01 * np.random.default_rng(4).normal(size=mean.shape).astype(np.float32)
+  got = grpo.normalized_log_ratio(log_prob, old, mean, old_mean, std, dt)
+  want = _np_normalized_log_ratio(log_prob, old, mean, old_mean, std, dt)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  loss, metrics = grpo.grpo_loss(
+    log_prob,
+    old,
+    adv,
+    mask,
+    clip_range=CLIP,
+    ratio_norm=True,
+    mean=mean,
+    old_mean=old_mean,
+    std=std,
+    dt=dt,
+  )
+  policy, ratio = _np_policy(want, 0.0, adv, CLIP)
+  np.testing.assert_allclose(loss, (policy[mask] / abs(dt)).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["ratio_max"], ratio[mask].max(), rtol=1e-6)
+  with pytest.raises(ValueError, match="ratio_norm needs"):
+    grpo.grpo_loss(log_prob, old, adv, mask, clip_range=CLIP, ratio_norm=True, mean=mean)
+
+
+def test_ratio_norm_on_policy_is_exactly_one_and_its_gradient_is_the_noise():
+  """On-policy (the trained mean is the sampling one) the bias vanishes and the ratio is exactly
+  1; the normalised log-ratio's gradient in the mean is eps / numel per element (the raw one's
+  times s), so every step contributes on the same scale."""
+  rng = np.random.default_rng(5)
+  mean = rng.normal(size=(B, 4, 3)).astype(np.float32)
+  std, dt = np.float32(0.8), np.float32(-0.25)
+  scale = std * np.sqrt(-dt)
+  eps = rng.normal(size=mean.shape).astype(np.float32)
+  prev = mean + scale * eps
+
+  def log_prob(m):
+    lp = -((prev - m) ** 2) / (2 * scale**2) - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
+    return lp.mean(axis=(1, 2))
+
+  old = log_prob(mean)
+  adv = rng.normal(size=B).astype(np.float32)
+  _, metrics = grpo.grpo_loss(
+    old, old, adv, np.ones(B, bool), clip_range=1e-4, ratio_norm=True, mean=mean,
+    old_mean=mean, std=std, dt=dt,
+  )  # fmt: skip
+  for name in ("ratio_mean", "ratio_min", "ratio_max"):
+    assert float(metrics[name]) == 1.0, name
+  grad = jax.grad(lambda m: grpo.normalized_log_ratio(log_prob(m), old, m, mean, std, dt).sum())(
+    jnp.asarray(mean)
+  )
+  np.testing.assert_allclose(grad, eps / 12, rtol=1e-4, atol=1e-6)
+
+
+def test_velocity_kl_matches_numpy_and_needs_both_velocities():
+  log_prob, old, adv, mask, mean, ref_mean, *_ = _inputs(6)
+  beta = 0.1
+  loss, metrics = grpo.grpo_loss(
+    log_prob, old, adv, mask, clip_range=CLIP, beta=beta, kl_target="velocity",
+    velocity=mean, ref_velocity=ref_mean,
+  )  # fmt: skip
+  kl = 0.5 * ((np.float64(mean) - ref_mean) ** 2).mean(axis=(1, 2))
+  policy, _ = _np_policy(log_prob, old, adv, CLIP)
+  np.testing.assert_allclose(metrics["kl"], kl[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, (policy + beta * kl)[mask].mean(), rtol=1e-5, atol=1e-7)
+  # The gradient flows into the policy's velocity only.
+  g = jax.grad(lambda v, r: grpo.velocity_kl(v, r).sum(), argnums=(0, 1))(mean, ref_mean)
+  np.testing.assert_allclose(g[0], (mean - ref_mean) / 12, rtol=1e-5, atol=1e-7)
+  assert not np.asarray(g[1]).any()
+  with pytest.raises(ValueError, match="velocity and ref_velocity"):
+    grpo.grpo_loss(log_prob, old, adv, mask, clip_range=CLIP, beta=beta, kl_target="velocity")
+  with pytest.raises(ValueError, match="kl_target"):
+    grpo.grpo_loss(log_prob, old, adv, mask, clip_range=CLIP, kl_target="score")

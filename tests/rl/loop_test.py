@@ -59,9 +59,11 @@ def test_one_step_through_the_phases_on_a_two_device_mesh():
   np.testing.assert_array_equal(got, kept_advantages)
   for batch in batches:
     assert batch["latents"].shape[1] == 2
-    for name, axis in loop.BATCH_AXES.items():
-      x = batch[name]
+    assert set(batch) == {*loop.batch_keys(config), "timesteps"}
+    for name in loop.batch_keys(config):
+      x, axis = batch[name], loop.BATCH_AXES[name]
       assert x.sharding.shard_shape(x.shape)[axis] == x.shape[axis] // 2, (name, x.sharding)
+    assert batch["timesteps"].sharding.is_fully_replicated
   assert aux["finite"]
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), trainable, before)
   assert max(jax.tree.leaves(moved)) > 0
@@ -74,3 +76,14 @@ def test_one_step_through_the_phases_on_a_two_device_mesh():
   for oracle, expected in ((b, 1.0), (-b, 0.0)):
     judged = dataclasses.replace(scored, rewards={"brightness": b, "oracle": oracle})
     assert loop.step_scalars(aux, judged)["train/pair_agreement_with_oracle"] == expected
+
+
+def test_proxy_rises_gold_falls():
+  rises, falls, flat = [1.0, 1.0, 2.0, 2.0], [0.9, 0.9, 0.5, 0.5], [0.9, 0.9, 0.9, 0.89]
+  assert loop.proxy_rises_gold_falls(rises, falls, window=2, tolerance=0.02)
+  assert not loop.proxy_rises_gold_falls(rises, flat, window=2, tolerance=0.02)  # Within tol.
+  assert not loop.proxy_rises_gold_falls(falls, falls, window=2, tolerance=0.02)  # Proxy fell.
+  assert not loop.proxy_rises_gold_falls(rises[1:], falls[1:], window=2, tolerance=0.02)
+  assert not loop.proxy_rises_gold_falls(rises, falls, window=0, tolerance=0.02)
+  # Only the last 2 x window values count.
+  assert loop.proxy_rises_gold_falls([5.0, *rises], [0.0, *falls], window=2, tolerance=0.02)
