@@ -174,14 +174,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   stopped_early = ""
   uses_cfg = policy.cfg_scale != 1.0
 
+  # Model evaluations so far: a resumed run starts from the logged steps it keeps.
+  nfe_so_far = [sum(v for s, v in history.rows.get("nfe/total", []) if s <= start_step)]
+
   def evaluations(step: int, kept: int) -> dict[str, float]:
-    """Model evaluations of this step (`nfe/`) and since step 1 (a resumed run recounts)."""
-    per_step = steps_lib.evaluations_per_step
-    now = per_step(config, config.sampling.num_steps, step, kept, uses_cfg)
-    now["nfe/cumulative"] = sum(
-      per_step(config, config.sampling.num_steps, s, kept, uses_cfg)["nfe/total"]
-      for s in range(1, step + 1)
-    )
+    """Model evaluations of this step (`nfe/`) and since step 1."""
+    now = steps_lib.evaluations_per_step(config, config.sampling.num_steps, step, kept, uses_cfg)
+    nfe_so_far[0] += now["nfe/total"]
+    now["nfe/cumulative"] = nfe_so_far[0]
     return {k: float(v) for k, v in now.items()}
 
   def early_stop(history: metrics.History) -> str:
