@@ -22,10 +22,9 @@ def get_config(arg=None):
   config.reward = configs_lib.load_config("configs/reward_synthetic.py", smoke)
   config.generator = configs_lib.load_config("configs/flux_sft_synthetic.py", smoke)
   # GRPO driven by the reward stage's SpatialScore (the oracle only judges) on fresh two-object,
-  # one-relation scenes, held out as other such scenes. With the SpatialScore of relation pairs
-  # alone, lr 1e-3 over-optimised it (objects lost); with the missing-object pairs below it
-  # raises held-out relations by +0.188 / +0.101 / +0.148 in 40 steps (seeds 0 / 1 / 2; lr 5e-4:
-  # +0.180 / +0.062 / +0.078) with objects found rising (docs/results/grpo_synthetic.md).
+  # one-relation scenes, held out as other such scenes; lr 1e-3 for 40 steps, which the
+  # missing-object pairs below (and the ratio normalisation) make safe: without them it lost
+  # objects (docs/results/grpo_synthetic.md).
   config.grpo = configs_lib.load_config(
     "configs/grpo_synthetic.py", "smoke,simple" if arg.smoke else "simple"
   )
@@ -35,9 +34,10 @@ def get_config(arg=None):
   config.grpo.reward.tiny_spatial_score = False  # The trained one from reward/, logged.
   config.grpo.reward.train_on = "spatial_score"
   config.grpo.train.lr = 1e-3
-  # GRPO-Guard's ratio normalisation: on this stage's three seeds it raised held-out short
-  # relations by +0.234 / -0.007 / +0.141 (without it: +0.227 / -0.133 / +0.133), kept objects
-  # found from falling and lowered "one changed" on every seed (docs/results/grpo_controls.md).
+  # GRPO-Guard's ratio normalisation: on this stage's three seeds (2-core AMD EPYC) it changed
+  # held-out short relations by +0.234 / -0.007 / +0.141 (without it: +0.227 / -0.133 / +0.133;
+  # seed 1 over-optimised), objects found by +0.066 / -0.031 / +0.051 (-0.062 on seed 1 without)
+  # and lowered "one changed" on every seed (docs/results/grpo_controls.md).
   config.grpo.grpo.ratio_norm = True
   # Sampled with classifier-free guidance 2.0, the generator's recorded default that GRPO and
   # `sample` take: on 512 held-out prompts it finds more objects and relations than unguided
