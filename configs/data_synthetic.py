@@ -30,6 +30,9 @@ def get_config(arg=None):
   # The fraction of pairs whose rejected image recolours one object instead of changing a
   # relation (the prompt then names an object the image lacks); 0: relation pairs only.
   config.recolour_fraction = 0.0
+  # Relations a rejected image reverses: 1..max_changes, drawn per pair (as many as the scene
+  # allows); 1: every pair changes exactly one, the paper's training pairs.
+  config.max_changes = 1
   # Pairs shown in gallery.png (chosen above rejected).
   config.gallery_pairs = 16
   # Check every written pair with the oracle (chosen must score 1, rejected < 1).

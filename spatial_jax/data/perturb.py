@@ -1,4 +1,4 @@
-"""Adversarial perturbation: change exactly one spatial relation, keep everything else.
+"""Adversarial perturbation: change one spatial relation (or a few), keep everything else.
 
 `recolour_scene` is the one non-spatial perturbation: it gives one object a colour the prompt
 does not name, so that a reward also learns that an image lacking a named object is wrong.
@@ -18,7 +18,13 @@ import numpy as np
 
 from spatial_jax.data import scenes
 
-__all__ = ["RelationChange", "perturb_prompt", "perturb_scene", "recolour_scene"]
+__all__ = [
+  "RelationChange",
+  "perturb_prompt",
+  "perturb_scene",
+  "perturb_scene_many",
+  "recolour_scene",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +52,40 @@ def _changed(relation: scenes.Relation, kind: str) -> scenes.Relation:
   return scenes.Relation(relation.object, relation.relation, relation.subject)
 
 
+def _reversible(scene: scenes.Scene, exclude: frozenset[int]) -> list[int]:
+  """Indices of the relations that can be reversed alone with the scene staying satisfiable."""
+  candidates = []
+  for index, relation in enumerate(scene.relations):
+    if index in exclude:
+      continue
+    relations = list(scene.relations)
+    relations[index] = _changed(relation, "flip")
+    if scenes.is_consistent(dataclasses.replace(scene, relations=tuple(relations))):
+      candidates.append(index)
+  return candidates
+
+
 def perturb_scene(
-  scene: scenes.Scene, rng: np.random.Generator
+  scene: scenes.Scene, rng: np.random.Generator, *, exclude: frozenset[int] = frozenset()
 ) -> tuple[scenes.Scene, RelationChange]:
   """Reverses one relation (by flip or swap) such that the scene stays satisfiable.
 
   Flip and swap reverse the same geometric constraint, so one consistency check covers both. A
   relation implied by others (a left of c given a left of b, b left of c) cannot be reversed alone;
   every scene has a reversible one (any edge of the transitive reduction of either axis order).
+  `exclude`: indices not to change (those an earlier call changed).
 
   Raises:
-    ValueError: if the scene has no relation or is itself contradictory.
+    ValueError: if the scene has no relation, is itself contradictory, or has no reversible
+      relation outside `exclude`.
   """
   if not scene.relations:
     raise ValueError("Cannot perturb a scene without relations.")
   if not scenes.is_consistent(scene):
     raise ValueError(f"Cannot perturb a contradictory scene: {scene}")
-  candidates = []
-  for index, relation in enumerate(scene.relations):
-    relations = list(scene.relations)
-    relations[index] = _changed(relation, "flip")
-    if scenes.is_consistent(dataclasses.replace(scene, relations=tuple(relations))):
-      candidates.append(index)
+  candidates = _reversible(scene, exclude)
+  if not candidates:
+    raise ValueError(f"No relation outside {sorted(exclude)} can be reversed alone in {scene}")
   index = candidates[int(rng.integers(len(candidates)))]
   kind = ("flip", "swap")[int(rng.integers(2))]
   before = scene.relations[index]
@@ -77,6 +95,26 @@ def perturb_scene(
   perturbed = dataclasses.replace(scene, relations=tuple(relations))
   change = RelationChange(index, kind, before, after, scenes.RELATION_TYPES[before.relation])
   return perturbed, change
+
+
+def perturb_scene_many(
+  scene: scenes.Scene, rng: np.random.Generator, count: int
+) -> tuple[scenes.Scene, list[RelationChange]]:
+  """Reverses up to `count` distinct relations, one after another, each keeping the scene
+  satisfiable (the paper's pairs with 2-3 perturbations). Fewer when no other relation can be
+  reversed; always at least one. With `count=1` the draws are those of `perturb_scene`.
+  """
+  if count < 1:
+    raise ValueError(f"count must be >= 1, got {count}")
+  perturbed, change = perturb_scene(scene, rng)
+  changes = [change]
+  while len(changes) < count:
+    exclude = frozenset(c.index for c in changes)
+    if not _reversible(perturbed, exclude):
+      break
+    perturbed, change = perturb_scene(perturbed, rng, exclude=exclude)
+    changes.append(change)
+  return perturbed, changes
 
 
 def recolour_scene(scene: scenes.Scene, rng: np.random.Generator) -> tuple[scenes.Scene, int, str]:

@@ -52,7 +52,12 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
   # subject/object order of a swap) only the changed relation reads differently.
   template_seed = int(rng.integers(0, 2**31 - 1))
   prompt = scenes.scene_to_prompt(scene, np.random.default_rng(template_seed))
-  perturbed, change = perturb.perturb_scene(scene, rng)
+  # `max_changes` > 1: the rejected scene reverses 1..max_changes relations (the paper's pairs
+  # with 2-3 perturbations; as many as the scene allows). The count is drawn only then, so the
+  # one-change folders stay as they were.
+  max_changes = config.get("max_changes", 1)
+  count = int(rng.integers(1, max_changes + 1)) if max_changes > 1 else 1
+  perturbed, changes = perturb.perturb_scene_many(scene, rng, count)
   perturbed_prompt = scenes.scene_to_prompt(perturbed, np.random.default_rng(template_seed))
   chosen_seed, rejected_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
   # Drawn after everything else, so that a folder without recoloured pairs stays as it was.
@@ -65,29 +70,32 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
     perturbed, size=config.image_size, seed=rejected_seed, layout_candidates=k
   )
   name = lambda i: scene.objects[i].name  # noqa: E731
-  before, after = change.before, change.after
+  first = changes[0]
+  source = _source(
+    config,
+    scene,
+    chosen_seed,
+    rejected_seed,
+    f"{first.before.relation} -> {first.after.relation}",
+    first.kind,
+    first.type,
+  )
   return dict(
     id=pair_id(split, index),
     prompt=prompt,
     perturbed_prompt=perturbed_prompt,
     # A swap keeps the relation word and exchanges the objects, so the field
-    # names both: "red circle left of blue star -> blue star left of red circle".
-    relation_changed=(
-      f"{name(before.subject)} {before.relation} {name(before.object)} -> "
-      f"{name(after.subject)} {after.relation} {name(after.object)}"
+    # names both: "red circle left of blue star -> blue star left of red circle"
+    # (several changes: joined by "; ").
+    relation_changed="; ".join(
+      f"{name(c.before.subject)} {c.before.relation} {name(c.before.object)} -> "
+      f"{name(c.after.subject)} {c.after.relation} {name(c.after.object)}"
+      for c in changes
     ),
     chosen_image=chosen,
     rejected_image=rejected,
     split=split,
-    source=_source(
-      config,
-      scene,
-      chosen_seed,
-      rejected_seed,
-      f"{before.relation} -> {after.relation}",
-      change.kind,
-      change.type,
-    ),
+    source={**source, "num_changes": len(changes)},
   )
 
 
@@ -196,8 +204,11 @@ def _statistics(config: Any, workdir: str, records: list[pairs.PairRecord]) -> d
   stats: dict[str, Any] = {"num_pairs": len(records), "image_size": config.image_size}
   by_split = collections.Counter(r.split or "train" for r in records)
   stats["splits"] = dict(sorted(by_split.items()))
-  for key in ("change", "change_type", "change_kind", "num_objects", "num_relations"):
-    counts = collections.Counter(str(r.source[key]) for r in records if isinstance(r.source, dict))
+  keys = ("change", "change_type", "change_kind", "num_objects", "num_relations", "num_changes")
+  for key in keys:
+    counts = collections.Counter(
+      str(r.source[key]) for r in records if isinstance(r.source, dict) and key in r.source
+    )
     stats[key] = dict(sorted(counts.items()))
   words = [len(r.prompt.split()) for r in records]
   stats["prompt_words"] = {"mean": float(np.mean(words)), "max": int(np.max(words))}
@@ -240,9 +251,10 @@ GENERATOR_FIELDS = (
   "max_relations",
   "layout_candidates",
   "recolour_fraction",
+  "max_changes",
 )
 # What a folder recorded before a field existed meant.
-_FIELD_DEFAULTS = {"layout_candidates": 1, "recolour_fraction": 0.0}
+_FIELD_DEFAULTS = {"layout_candidates": 1, "recolour_fraction": 0.0, "max_changes": 1}
 _GENERATOR_FILE = "generator.json"
 
 

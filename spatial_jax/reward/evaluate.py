@@ -1,7 +1,8 @@
 """Pairwise evaluation of a reward model and its metrics.
 
 Metrics on a pairs folder: accuracy overall, per relation type (`source.change_type`
-when the pairs carry it), short (one relation) vs long prompts, the mean mu margin,
+when the pairs carry it), short (one relation) vs long prompts, one vs several relations
+changed (`source.num_changes`, when a folder has both), the mean mu margin,
 and accuracy per quartile of the pair's sigma (a calibration check: a well-calibrated
 model is more often right where it is more certain).
 """
@@ -29,6 +30,7 @@ class EvalPair:
   prompt: str
   relation_type: str
   long_prompt: bool
+  num_changes: int = 1
 
 
 def _relation_type(record: pairs.PairRecord) -> str:
@@ -41,6 +43,15 @@ def _is_long(record: pairs.PairRecord) -> bool:
   if isinstance(record.source, dict) and "num_relations" in record.source:
     return int(record.source["num_relations"]) > 1
   return len(record.prompt.split()) > LONG_PROMPT_WORDS
+
+
+def _num_changes(record: pairs.PairRecord) -> int:
+  """Relations the rejected image reverses; 0 for a recoloured pair, 1 when not recorded."""
+  if _relation_type(record) == "colour":
+    return 0
+  if isinstance(record.source, dict) and "num_changes" in record.source:
+    return int(record.source["num_changes"])
+  return 1
 
 
 def load_eval_pairs(folder: str, split: str, *, max_pairs: int, image_size: int) -> list[EvalPair]:
@@ -57,6 +68,7 @@ def load_eval_pairs(folder: str, split: str, *, max_pairs: int, image_size: int)
       prompt=r.prompt,
       relation_type=_relation_type(r),
       long_prompt=_is_long(r),
+      num_changes=_num_changes(r),
     )
     for r in records
   ]
@@ -70,6 +82,7 @@ class EvalResult:
   sigma_rejected: np.ndarray
   relation_type: list[str]
   long_prompt: np.ndarray
+  num_changes: np.ndarray | None = None  # (N,) int; None: one change each.
 
   @property
   def correct(self) -> np.ndarray:
@@ -84,6 +97,13 @@ class EvalResult:
     for name, mask in (("short", ~self.long_prompt), ("long", self.long_prompt)):
       if mask.any():
         out[f"accuracy_{name}"] = float(self.correct[mask].mean())
+    if self.num_changes is not None and (self.num_changes > 1).any():
+      for name, mask in (
+        ("one_change", self.num_changes == 1),
+        ("changes_2_3", self.num_changes > 1),
+      ):
+        if mask.any():
+          out[f"accuracy_{name}"] = float(self.correct[mask].mean())
     for kind in sorted(set(self.relation_type)):
       mask = np.array([t == kind for t in self.relation_type])
       out[f"accuracy_{kind}"] = float(self.correct[mask].mean())
@@ -156,4 +176,5 @@ def evaluate(
     sigma_rejected=sigma[n:],
     relation_type=[p.relation_type for p in eval_pairs],
     long_prompt=np.array([p.long_prompt for p in eval_pairs]),
+    num_changes=np.array([p.num_changes for p in eval_pairs]),
   )

@@ -57,6 +57,42 @@ def test_perturb_scene_is_deterministic():
   assert perturb.perturb_scene(scene, np.random.default_rng(9)) == first
 
 
+def test_perturb_scene_many_reverses_distinct_relations_and_stays_satisfiable():
+  rng = np.random.default_rng(1)
+  counts = collections.Counter()
+  for _ in range(500):
+    scene = scenes.sample_scene(rng, min_objects=3, max_objects=4, max_relations=4)
+    perturbed, changes = perturb.perturb_scene_many(scene, rng, 3)
+    indices = [c.index for c in changes]
+    assert 1 <= len(changes) <= min(3, len(scene.relations))
+    assert len(set(indices)) == len(indices)
+    differing = [
+      k for k, (a, b) in enumerate(zip(scene.relations, perturbed.relations, strict=True)) if a != b
+    ]
+    assert differing == sorted(indices)
+    for change in changes:
+      assert change.before == scene.relations[change.index]
+      assert change.after == perturbed.relations[change.index]
+    assert scenes.is_consistent(perturbed)
+    counts[len(changes)] += 1
+  # Scenes of 3-4 relations reach 2 and 3 changes often.
+  assert counts[2] >= 50 and counts[3] >= 50, counts
+
+
+def test_perturb_scene_many_with_one_change_draws_as_perturb_scene():
+  scene = scenes.sample_scene(np.random.default_rng(5), min_objects=4)
+  one = perturb.perturb_scene(scene, np.random.default_rng(9))
+  many = perturb.perturb_scene_many(scene, np.random.default_rng(9), 1)
+  assert many == (one[0], [one[1]])
+
+
+def test_perturb_scene_with_every_relation_excluded_says_so():
+  scene = scenes.sample_scene(np.random.default_rng(2))
+  every = frozenset(range(len(scene.relations)))
+  with pytest.raises(ValueError, match="can be reversed alone"):
+    perturb.perturb_scene(scene, np.random.default_rng(0), exclude=every)
+
+
 # Real-world prompts (GenEval / T2I-CompBench / DPG-Bench style) and every output allowed: one
 # relation reversed, or the two noun phrases of one relation swapped where they are whole phrases.
 FREE_FORM_CASES = {

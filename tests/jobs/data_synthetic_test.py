@@ -135,3 +135,22 @@ def test_recoloured_pairs_lack_one_named_object_and_leave_relation_pairs_as_they
     assert differ == {(old, new)}, (r.prompt, r.perturbed_prompt)
   assert 4 <= recoloured <= 24
   assert json.loads((tmp_path / "mix" / "generator.json").read_text())["recolour_fraction"] == 0.5
+
+
+def test_pairs_with_several_changes_record_them_and_one_change_folders_stay_as_they_were(tmp_path):
+  data_synthetic.run(_config(num_train=32, image_size=64), str(tmp_path / "one"))
+  stats = data_synthetic.run(
+    _config(num_train=32, image_size=64, max_changes=3, min_objects=3, max_relations=4),
+    str(tmp_path / "many"),
+  )
+  counts = stats["num_changes"]
+  assert set(counts) <= {"1", "2", "3"} and counts.get("2", 0) + counts.get("3", 0) >= 8, counts
+  for r in pairs.read_pairs(tmp_path / "many"):
+    changes = r.source["num_changes"]
+    assert len(r.relation_changed.split("; ")) == changes
+    rejected = oracle.score_prompt(pairs.load_rgb(tmp_path / "many" / r.rejected), r.prompt)
+    assert sum(not s for s in rejected.satisfied) == changes, (r.id, rejected.satisfied)
+  # The default changes one relation per pair, and a folder keeps the count it was made with.
+  assert all(r.source["num_changes"] == 1 for r in pairs.read_pairs(tmp_path / "one"))
+  with pytest.raises(ValueError, match=r"max_changes.*\(1, 3\)"):
+    data_synthetic.run(_config(num_train=32, image_size=64, max_changes=3), str(tmp_path / "one"))
