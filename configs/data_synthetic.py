@@ -33,6 +33,9 @@ def get_config(arg=None):
   # Relations a rejected image reverses: 1..max_changes, drawn per pair (as many as the scene
   # allows); 1: every pair changes exactly one, the paper's training pairs.
   config.max_changes = 1
+  # "perturbed": the rejected image is the scene with relations reversed (adversarial pairs);
+  # "other_scene": an image of another scene, the negatives of a generic image-text model.
+  config.rejected = "perturbed"
   # Pairs shown in gallery.png (chosen above rejected).
   config.gallery_pairs = 16
   # Check every written pair with the oracle (chosen must score 1, rejected < 1).

@@ -32,6 +32,8 @@ def get_config(arg=None):
       gallery_pairs=16,
       verify_with_oracle=False,
       log_every_secs=30.0,
+      max_changes=1,  # Relations a rejected image reverses (configs/data_synthetic.py).
+      rejected="perturbed",  # Or "other_scene": generic image-text negatives.
     ),
   )
   config.model = dict(

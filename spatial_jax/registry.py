@@ -23,6 +23,7 @@ JOBS: dict[str, str] = {
   "grpo": "spatial_jax.jobs.grpo:run",
   "sample": "spatial_jax.jobs.sample:run",
   "quickstart": "spatial_jax.jobs.quickstart:run",
+  "reproduce": "spatial_jax.jobs.reproduce:run",
   "pairs_generate": "spatial_jax.jobs.pairs_generate:run",
   "plan": "spatial_jax.jobs.plan:run",
 }

@@ -29,6 +29,7 @@ from spatial_jax import metrics
 from spatial_jax.data import oracle, pairs, perturb, render, scenes
 
 _SPLITS = ("train", "test")
+REJECTED_KINDS = ("perturbed", "other_scene")
 
 
 def pair_id(split: str, index: int) -> str:
@@ -52,6 +53,8 @@ def make_pair(config: Any, split: str, index: int) -> dict[str, Any]:
   # subject/object order of a swap) only the changed relation reads differently.
   template_seed = int(rng.integers(0, 2**31 - 1))
   prompt = scenes.scene_to_prompt(scene, np.random.default_rng(template_seed))
+  if config.get("rejected", "perturbed") == "other_scene":
+    return _other_scene_pair(config, split, index, scene, rng, prompt)
   # `max_changes` > 1: the rejected scene reverses 1..max_changes relations (the paper's pairs
   # with 2-3 perturbations; as many as the scene allows). The count is drawn only then, so the
   # one-change folders stay as they were.
@@ -141,6 +144,40 @@ def _recoloured_pair(config, split, index, scene, rng, template_seed, chosen_see
     split=split,
     source=_source(
       config, scene, chosen_seed, chosen_seed, f"{old_colour} -> {new_colour}", "recolour", "colour"
+    ),
+  )
+
+
+def _other_scene_pair(config, split, index, scene, rng, prompt):
+  """A pair whose rejected image shows another scene (`rejected="other_scene"`).
+
+  The negatives of a generic image-text matching model (as CLIP's are other captions' images):
+  they differ from the prompt in objects and colours far more often than in space, so a reward
+  trained on them is the zero-shot judge a newcomer would reach for, not a spatial one.
+  """
+  other = scenes.sample_scene(
+    rng,
+    min_objects=config.min_objects,
+    max_objects=config.max_objects,
+    max_relations=config.max_relations,
+  )
+  other_prompt = scenes.scene_to_prompt(other, rng)
+  chosen_seed, rejected_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
+  k = config.get("layout_candidates", 1)
+  chosen = render.render_scene(scene, size=config.image_size, seed=chosen_seed, layout_candidates=k)
+  rejected = render.render_scene(
+    other, size=config.image_size, seed=rejected_seed, layout_candidates=k
+  )
+  return dict(
+    id=pair_id(split, index),
+    prompt=prompt,
+    perturbed_prompt=other_prompt,
+    relation_changed="another scene",
+    chosen_image=chosen,
+    rejected_image=rejected,
+    split=split,
+    source=_source(
+      config, scene, chosen_seed, rejected_seed, "another scene", "other_scene", "other_scene"
     ),
   )
 
@@ -252,9 +289,15 @@ GENERATOR_FIELDS = (
   "layout_candidates",
   "recolour_fraction",
   "max_changes",
+  "rejected",
 )
 # What a folder recorded before a field existed meant.
-_FIELD_DEFAULTS = {"layout_candidates": 1, "recolour_fraction": 0.0, "max_changes": 1}
+_FIELD_DEFAULTS = {
+  "layout_candidates": 1,
+  "recolour_fraction": 0.0,
+  "max_changes": 1,
+  "rejected": "perturbed",
+}
 _GENERATOR_FILE = "generator.json"
 
 
@@ -287,6 +330,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     raise ValueError(
       f"num_train/num_test must be >= 0 and not both 0, got {config.num_train}/{config.num_test}."
     )
+  if config.get("rejected", "perturbed") not in REJECTED_KINDS:
+    raise ValueError(f"config.rejected={config.rejected!r}: one of {REJECTED_KINDS}")
+  if config.get("max_changes", 1) < 1:
+    raise ValueError(f"config.max_changes must be >= 1, got {config.max_changes}")
   os.makedirs(workdir, exist_ok=True)
   _check_generator_fields(config, workdir)
   start = time.time()

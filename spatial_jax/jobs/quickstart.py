@@ -28,7 +28,7 @@ from spatial_jax import fileio, metrics
 STAGES = ("pairs", "text_encoder", "reward", "generator", "grpo")
 
 
-def _summary(folder: str, name: str = "summary.json") -> dict[str, Any] | None:
+def read_summary(folder: str, name: str = "summary.json") -> dict[str, Any] | None:
   path = os.path.join(folder, name)
   if not os.path.exists(path):
     return None
@@ -36,16 +36,18 @@ def _summary(folder: str, name: str = "summary.json") -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _stage(workdir: str, name: str, run, config: Any, done_file: str = "summary.json"):
+def run_stage(workdir: str, name: str, run, config: Any, done_file: str = "summary.json"):
   """Runs one stage unless its summary exists; returns (summary, seconds of this call)."""
   folder = os.path.join(workdir, name)
-  if (summary := _summary(folder, done_file)) is not None:
-    logging.info("quickstart: %s is done (%s)", name, folder)
+  if (summary := read_summary(folder, done_file)) is not None:
+    logging.info("stage %s is done (%s)", name, folder)
     return summary, 0.0
-  logging.info("quickstart: running %s into %s", name, folder)
+  logging.info("stage %s: running into %s", name, folder)
   start = time.time()
   summary = run(config, folder)
-  return summary if isinstance(summary, dict) else _summary(folder, done_file), time.time() - start
+  return summary if isinstance(summary, dict) else read_summary(
+    folder, done_file
+  ), time.time() - start
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -60,23 +62,23 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   metrics.write_config_json(workdir, config)
   pairs = os.path.join(workdir, "pairs")
   seconds = {}
-  _, seconds["pairs"] = _stage(
+  _, seconds["pairs"] = run_stage(
     workdir, "pairs", data_synthetic.run, config.data, done_file="stats.json"
   )
-  text_encoder, seconds["text_encoder"] = _stage(
+  text_encoder, seconds["text_encoder"] = run_stage(
     workdir, "text_encoder", text_encoder_synthetic.run, config.text_encoder
   )
   if not config.reward.data.synthetic.get("recolour_fraction"):
     config.reward.data.pairs = pairs
   # else: the reward builds its own folder (reward/pairs) with recoloured pairs as well, which the
   # generator must not learn captions from (configs/quickstart.py).
-  reward, seconds["reward"] = _stage(workdir, "reward", reward_train.run, config.reward)
+  reward, seconds["reward"] = run_stage(workdir, "reward", reward_train.run, config.reward)
   config.generator.data.pairs = pairs
   config.generator.text.t5_pretrained = os.path.join(workdir, "text_encoder", "final")
-  generator, seconds["generator"] = _stage(workdir, "generator", flux_sft.run, config.generator)
+  generator, seconds["generator"] = run_stage(workdir, "generator", flux_sft.run, config.generator)
   config.grpo.model.generator = os.path.join(workdir, "generator", "final")
   config.grpo.reward.spatial_score = os.path.join(workdir, "reward")
-  grpo, seconds["grpo"] = _stage(workdir, "grpo", grpo_job.run, config.grpo)
+  grpo, seconds["grpo"] = run_stage(workdir, "grpo", grpo_job.run, config.grpo)
 
   report = dict(
     seconds={k: round(v, 1) for k, v in seconds.items()},
@@ -96,7 +98,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 def eval_curve(grpo_dir: str) -> dict[str, list[tuple[int, float]]]:
   """The GRPO run's held-out evaluations by step (the `eval/*` and, with a scene pool or long
   held-out prompts, `eval_fresh/*` and `eval_long/*` rows of its history.json)."""
-  rows = _summary(grpo_dir, "history.json") or {}
+  rows = read_summary(grpo_dir, "history.json") or {}
   return {
     k: [(int(s), float(v)) for s, v in rows[k]]
     for k in sorted(rows)

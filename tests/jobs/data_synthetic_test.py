@@ -154,3 +154,24 @@ def test_pairs_with_several_changes_record_them_and_one_change_folders_stay_as_t
   assert all(r.source["num_changes"] == 1 for r in pairs.read_pairs(tmp_path / "one"))
   with pytest.raises(ValueError, match=r"max_changes.*\(1, 3\)"):
     data_synthetic.run(_config(num_train=32, image_size=64, max_changes=3), str(tmp_path / "one"))
+
+
+def test_other_scene_negatives_show_another_scene_and_bad_kinds_are_named(tmp_path):
+  data_synthetic.run(_config(num_train=16, image_size=64), str(tmp_path / "adv"))
+  stats = data_synthetic.run(
+    _config(num_train=16, image_size=64, rejected="other_scene"), str(tmp_path / "other")
+  )
+  assert stats["change_type"] == {"other_scene": 20}
+  adversarial = {r.id: r for r in pairs.read_pairs(tmp_path / "adv")}
+  for r in pairs.read_pairs(tmp_path / "other"):
+    assert r.prompt == adversarial[r.id].prompt  # The scene and its wording are drawn first.
+    assert r.perturbed_prompt != r.prompt and r.relation_changed == "another scene"
+    chosen = oracle.score_prompt(pairs.load_rgb(tmp_path / "other" / r.chosen), r.prompt)
+    rejected = oracle.score_prompt(
+      pairs.load_rgb(tmp_path / "other" / r.rejected), r.perturbed_prompt
+    )
+    assert all(chosen.satisfied) and all(rejected.satisfied)  # Each image shows its own prompt.
+  with pytest.raises(ValueError, match="config.rejected='others'"):
+    data_synthetic.run(_config(rejected="others"), str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="max_changes must be >= 1"):
+    data_synthetic.run(_config(max_changes=0), str(tmp_path / "bad"))
