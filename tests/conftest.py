@@ -3,8 +3,15 @@
 import os
 
 # Must run before the JAX backend starts (jax_style.md, pitfall 8).
+# The 8 devices run a collective as 8 threads that meet at a rendezvous; XLA ends the process
+# when one arrives later than its termination timeout ("Termination timeout ... exceeded. Exiting
+# to ensure a consistent program state."), which a 2-core machine running other jobs beside the
+# suite can cause (an abort in a sharded test). Ten minutes: a stuck collective still ends it.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8"
+  + " --xla_cpu_collective_timeout_seconds=600"
+  + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
